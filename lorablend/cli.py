@@ -111,6 +111,107 @@ def bank_info(bank: str = typer.Argument(..., help="Bank directory, or 'default'
     out.print(table)
 
 
+def _top_table(coefs: dict[str, float], n: int, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("bank entry")
+    table.add_column("coefficient", justify="right")
+    for name, w in sorted(coefs.items(), key=lambda kv: -kv[1])[:n]:
+        if w > 0:
+            table.add_row(name, f"{w:.4f}")
+    return table
+
+
+@app.command("generate")
+def generate_cmd(
+    bank: str = typer.Option(..., help="Bank directory, or 'default'."),
+    dataset: Path = typer.Option(..., help="Your labelled examples (.jsonl/.json/.csv/.parquet/task.json)."),
+    out_dir: Path = typer.Option(..., "--out", help="Adapter directory to write (PEFT format)."),
+    sketch: str = typer.Option("tokens", help="Dataset representation: tokens | embeddings."),
+    metric: str = typer.Option("js", help="Distance: wd | kl | js | mmd."),
+    operator: str = typer.Option("normalized", help="Meta-operator: attentional | normalized | neural."),
+    combine: str = typer.Option("svd", help="Combination: svd (exact, truncated) | cat (exact) | paper (inexact)."),
+    temperature: float = typer.Option(1.0, help="Softmin temperature (> 0); lower is sharper."),
+    top_k: Optional[int] = typer.Option(None, help="Combine only the k nearest entries."),
+    rank: Optional[int] = typer.Option(None, help="Rank of the svd output (default: the bank's rank)."),
+    exclude: List[str] = typer.Option([], help="Bank entries to leave out (repeatable)."),
+    exclude_family: bool = typer.Option(False, help="Also leave out every entry of the excluded entries' families."),
+    seed: int = typer.Option(0, help="Seed for the dataset split and sampled distances."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    show: int = typer.Option(10, help="Rows of the coefficient table."),
+):
+    """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step)."""
+    from .bank import Bank
+    from .dataset import load_dataset
+    from .generate import Setting, generate
+
+    setting = Setting(sketch, metric, operator, combine, temperature, top_k, rank)
+    setting.check()
+    b = Bank.open(bank)
+    ds = load_dataset(dataset, seed=seed)
+    with console.status(f"generating an adapter from {len(b.entries)} bank entries"):
+        result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed)
+    out.print(_top_table(result.provenance.coefficients, show, f"strongest coefficients ({setting.label})"))
+    if result.provenance.excluded:
+        out.print(f"excluded: {', '.join(result.provenance.excluded)}")
+    out.print(f"adapter written to {result.out} (rank {result.provenance.rank}) in {result.seconds:.1f}s")
+
+
+@bank_app.command("index")
+def bank_index(
+    bank: str = typer.Argument(..., help="Bank directory, or 'default'."),
+    sketch: List[str] = typer.Option(["tokens", "embeddings"], help="Sketches to compute (repeatable)."),
+    encoder: Optional[str] = typer.Option(None, help="Model for the embeddings sketch (default: the bank's base model)."),
+):
+    """Compute and cache each entry's sketches (only entries whose dataset changed are redone)."""
+    from rich.progress import Progress
+
+    from .bank import Bank
+    from .errors import suggest
+    from .sketch import SKETCHES, build_index
+
+    for k in sketch:
+        if k not in SKETCHES:
+            raise suggest(k, SKETCHES, "sketch")
+    b = Bank.open(bank)
+    with Progress(console=console) as progress:
+        bars = {k: progress.add_task(f"{k} sketches", total=len(b.entries)) for k in sketch}
+        manifest = build_index(b, tuple(sketch), encoder, progress=lambda kind, name: progress.advance(bars[kind]))
+    out.print(f"index of {b.root}: {', '.join(manifest.sketches)} for {len(b.entries)} entries (encoder {manifest.encoder})")
+
+
+@bank_app.command("fit-meta")
+def bank_fit_meta(
+    bank: str = typer.Argument(..., help="Bank directory, or 'default'."),
+    sketch: str = typer.Option("tokens", help="tokens | embeddings."),
+    metric: str = typer.Option("js", help="wd | kl | js | mmd."),
+    hidden: int = typer.Option(64, help="MLP width (the paper used 4000)."),
+    epochs: int = typer.Option(40, help="Full-batch Adam epochs (the paper's 40)."),
+    space: str = typer.Option("params", help="Loss space: params (the paper's) | update (exact BA)."),
+    holdout: float = typer.Option(0.2, help="Fraction of entries held out to report the loss on."),
+    seed: int = typer.Option(0),
+):
+    """Fit the neural meta-operator (the paper's scalar MLP) on the bank and store it in the index."""
+    from .bank import Bank
+    from .coefficients import NeuralConfig
+    from .errors import suggest
+    from .metafit import SPACES, distance_matrix, fit_meta, gram
+
+    if space not in SPACES:
+        raise suggest(space, SPACES, "space")
+    b = Bank.open(bank)
+    cfg = NeuralConfig(hidden=hidden, epochs=epochs, seed=seed, sketch=sketch, metric=metric, space=space)
+    with console.status("distances between bank datasets"):
+        D = distance_matrix(b, sketch, metric, seed)
+    with console.status("Gram matrix of the adapters"):
+        G = gram(b, space)
+    op, train, val = fit_meta(b, cfg, holdout=holdout, D=D, G=G)
+    everyone = list(range(len(b.entries)))
+    out.print(f"fitted on {len(train)} entries: train loss {op.history[0]:.4g} -> {op.history[-1]:.4g}"
+              + (f"; held-out loss {op.loss(D, G, val, everyone):.4g}" if val else ""))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     args = [a for a in sys.argv[1:] if a != "--debug"]

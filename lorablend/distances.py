@@ -287,3 +287,43 @@ def fit_codebook(points, k: int, seed: int) -> np.ndarray:
     k = min(k, len(np.unique(points, axis=0)))
     centroids, _ = kmeans2(points, k, seed=seed, minit="++", check_finite=False)
     return np.asarray(centroids, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- #
+# One entry point per (sketch, metric)
+# --------------------------------------------------------------------------- #
+
+METRICS = ("wd", "kl", "js", "mmd")
+MMD_SAMPLES = 1000
+
+
+def measure(metric: str, query, bank, *, codebook=None, seed: int = 0) -> np.ndarray:
+    """Distances from one query sketch to every bank sketch.
+
+    Token sketches: `query` a 1-D count vector, `bank` an (m, V) count matrix.
+    Embedding sketches: `query` an (n, d) cloud, `bank` a list of clouds; KL and JS
+    compare the clouds' histograms over `codebook` (fitted on the bank).
+    MMD on tokens draws MMD_SAMPLES ids per side with generators seeded by
+    (seed, row), so results are reproducible (the paper's sampling was not).
+    """
+    if metric not in METRICS:
+        from .errors import suggest
+
+        raise suggest(metric, METRICS, "metric")
+    if np.ndim(query) == 1:
+        if metric == "mmd":
+            Q = bank.tocsr() if sp.issparse(bank) else np.asarray(bank)
+            x = sample_ids(query, MMD_SAMPLES, np.random.default_rng([seed, 0]))
+            rows = (Q[i].toarray().ravel() if sp.issparse(Q) else Q[i] for i in range(Q.shape[0]))
+            Y = np.stack([sample_ids(r, MMD_SAMPLES, np.random.default_rng([seed, 1, i])) for i, r in enumerate(rows)])
+            return mmd_ids(x, Y)
+        return {"wd": wasserstein_ids, "kl": kl_histograms, "js": js_histograms}[metric](query, bank)
+    if metric == "wd":
+        return wasserstein_clouds(query, bank, seed=seed)
+    if metric == "mmd":
+        return mmd_clouds(query, bank)
+    if codebook is None:
+        raise ValueError("KL/JS on embeddings need the bank's codebook")
+    p = codebook_histograms(query, codebook)
+    Q = np.stack([codebook_histograms(c, codebook) for c in bank])
+    return (kl_histograms if metric == "kl" else js_histograms)(p, Q)

@@ -164,3 +164,77 @@ def smollm2_dir(lorablend_home_dir) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(path, target_is_directory=True)
     return link
+
+
+# --------------------------------------------------------------------------- #
+# A tiny bank: random LoRA adapters for the tiny model, each with its own dataset
+# --------------------------------------------------------------------------- #
+
+TOPICS = {
+    "animals": ("The cat sat on the mat.", "cat"),
+    "math": ("What is two plus two?", "four"),
+    "weather": ("Is it raining in the city today?", "yes"),
+    "code": ("Write a function that adds numbers.", "def add(a, b): return a + b"),
+    "music": ("Which instrument has keys and strings?", "piano"),
+}
+
+
+def make_dataset_file(path: Path, topic: str, n: int = 24, seed: int = 0) -> Path:
+    """A small JSONL dataset whose words come mostly from one topic."""
+    import json
+    import random
+
+    rng = random.Random(f"{topic}:{seed}")
+    question, answer = TOPICS[topic]
+    words = question.rstrip(".?").split()
+    with open(path, "w") as fh:
+        for i in range(n):
+            rng.shuffle(words)
+            fh.write(json.dumps({"input": " ".join(words) + f" {i}?", "output": [answer]}) + "\n")
+    return path
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, alpha: float = 8.0, targets=("q_proj", "v_proj"),
+                 use_rslora: bool = False) -> Path:
+    """A PEFT LoRA adapter with random, nonzero A and B (as training would leave them)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                                  init_lora_weights=False, use_rslora=use_rslora))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def make_bank(root: Path, model_dir: Path, topics=tuple(TOPICS), ranks=None, alphas=None) -> Path:
+    """A bank of one adapter per topic; families pair topics up so family holdout has something to do."""
+    from lorablend.bank import Bank, BankEntry
+    from lorablend.dataset import load_dataset, save_dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    bank = Bank.create(root, base_model=str(model_dir), tokenizer=str(model_dir))
+    for i, topic in enumerate(topics):
+        raw = make_dataset_file(root / f"{topic}.jsonl", topic)
+        entry = BankEntry(name=topic, adapter_dir=f"adapters/{topic}", dataset=f"datasets/{topic}.jsonl.gz",
+                          family=f"fam{i // 2}")
+        save_dataset(load_dataset(raw, name=topic), root / entry.dataset)
+        raw.unlink()
+        make_adapter(model_dir, root / entry.adapter_dir, seed=i,
+                     r=(ranks or {}).get(topic, 4), alpha=(alphas or {}).get(topic, 8.0))
+        bank.add(entry)
+    bank.save()
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(tmp_path_factory, tiny_model_dir) -> Path:
+    """An indexed 5-entry bank for the tiny model (read-only: copy it before changing it)."""
+    from lorablend.bank import Bank
+    from lorablend.sketch import build_index
+
+    root = make_bank(tmp_path_factory.mktemp("bank") / "bank", tiny_model_dir)
+    build_index(Bank.open(root))
+    return root

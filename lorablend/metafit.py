@@ -1,0 +1,65 @@
+"""Fitting the neural meta-operator on the bank itself (`lorablend bank fit-meta`).
+
+Needs two N x N matrices: the distances between every pair of bank datasets, and
+the Gram matrix of the adapters. Both are accumulated without stacking the bank.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from .bank import Bank
+from .coefficients import NeuralConfig, NeuralOperator
+from .generate import distances_to_bank, meta_path, open_readers
+from .sketch import load_sketches
+
+SPACES = ("params", "update")
+
+
+def distance_matrix(bank: Bank, sketch: str, metric: str, seed: int = 0) -> np.ndarray:
+    """Row t: distances from entry t's dataset to every entry (diagonal included)."""
+    _, sk = load_sketches(bank, sketch)
+    queries = [sk.counts[i].toarray().ravel() for i in range(len(sk.names))] if sk.counts is not None else sk.clouds
+    return np.stack([distances_to_bank(sk, metric, q, seed) for q in queries])
+
+
+def gram(bank: Bank, space: str = "params") -> np.ndarray:
+    """G[i, j] = <θ_i, θ_j>, one module at a time.
+
+    `params`: θ = the flattened A and s·B (what the paper's combine averages).
+    `update`: θ = the dense update s·B A, via tr((BᵢᵀBⱼ)(AⱼAᵢᵀ)) on r x r blocks,
+    which matches the exact combiners (cat, svd).
+    """
+    readers = open_readers(bank, bank.names)
+    names = bank.names
+    G = np.zeros((len(names), len(names)))
+    for module in readers[names[0]].modules:
+        fs = [readers[n].factors(module) for n in names]
+        if space == "params":
+            F = np.stack([np.concatenate([f.A.ravel(), (f.scale * f.B).ravel()]) for f in fs]).astype(np.float64)
+            G += F @ F.T
+        else:
+            for i, fi in enumerate(fs):
+                for j, fj in enumerate(fs[: i + 1]):
+                    v = fi.scale * fj.scale * np.trace((fi.B.T @ fj.B) @ (fj.A @ fi.A.T))
+                    G[i, j] += v
+                    G[j, i] += v if i != j else 0.0
+    return G
+
+
+def fit_meta(bank: Bank, config: NeuralConfig, *, holdout: float = 0.2, exclude: list[str] = (),
+             D: np.ndarray | None = None, G: np.ndarray | None = None, save: bool = True):
+    """Fit on (1 - holdout) of the entries not excluded; report the loss on the held-out rest."""
+    D = distance_matrix(bank, config.sketch, config.metric, config.seed) if D is None else D
+    G = gram(bank, config.space) if G is None else G
+    usable = [i for i, n in enumerate(bank.names) if n not in set(exclude)]
+    order = usable[:]
+    random.Random(config.seed).shuffle(order)
+    n_val = int(round(len(order) * holdout))
+    train, val = sorted(order[n_val:]), sorted(order[:n_val])
+    op = NeuralOperator(config).fit(D, G, train)
+    if save:
+        op.save(meta_path(bank, config.sketch, config.metric))
+    return op, train, val

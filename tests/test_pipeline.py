@@ -1,0 +1,133 @@
+"""End to end on a tiny bank: generate writes a PEFT adapter whose update is the exact combination."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lorablend.adapter import AdapterReader
+from lorablend.bank import Bank
+from lorablend.dataset import load_dataset
+from lorablend.generate import Setting, generate
+
+from conftest import make_dataset_file
+
+
+@pytest.fixture
+def user_dataset(tmp_path):
+    return make_dataset_file(tmp_path / "mine.jsonl", "math", n=20, seed=7)
+
+
+def _dense_update(bank, coefs, module):
+    total = 0
+    for name, c in coefs.items():
+        if c > 0:
+            f = AdapterReader(bank.adapter_path(bank.entry(name))).factors(module)
+            total = total + c * f.scale * (f.B.astype(np.float64) @ f.A.astype(np.float64))
+    return total
+
+
+@pytest.mark.parametrize("sketch", ["tokens", "embeddings"])
+@pytest.mark.parametrize("metric", ["wd", "kl", "js", "mmd"])
+def test_every_sketch_and_metric_gives_coefficients_summing_to_one(tiny_bank, user_dataset, tmp_path, sketch, metric):
+    bank = Bank.open(tiny_bank)
+    res = generate(bank, load_dataset(user_dataset), tmp_path / "out", Setting(sketch=sketch, metric=metric, combine="cat"))
+    c = np.array(list(res.provenance.coefficients.values()))
+    assert c.min() >= 0 and abs(c.sum() - 1) < 1e-9
+    assert set(res.provenance.coefficients) == set(bank.names)
+
+
+def test_cat_output_loads_in_peft_and_matches_dense_update(tiny_bank, tiny_model_dir, user_dataset, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    bank = Bank.open(tiny_bank)
+    res = generate(bank, load_dataset(user_dataset), tmp_path / "out", Setting(combine="cat", temperature=0.5))
+    coefs = res.provenance.coefficients
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    x = torch.tensor([[3, 17, 42, 99, 5]])
+    # reference: the base model with the dense update added to each adapted weight
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reader = AdapterReader(bank.adapter_path(bank.entries[0]))
+    with torch.no_grad():
+        for module in reader.modules:
+            weight = ref.get_submodule(module).weight
+            weight += torch.tensor(_dense_update(bank, coefs, module), dtype=weight.dtype)
+        want = ref(x).logits
+        got = PeftModel.from_pretrained(base, str(res.out)).eval()(x).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_svd_is_the_best_rank_r_approximation(tiny_bank, user_dataset, tmp_path):
+    bank = Bank.open(tiny_bank)
+    res = generate(bank, load_dataset(user_dataset), tmp_path / "out", Setting(combine="svd", rank=3))
+    out = AdapterReader(res.out)
+    for module in out.modules[:2]:
+        dense = _dense_update(bank, res.provenance.coefficients, module)
+        u, s, vt = np.linalg.svd(dense, full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vt[:3]
+        f = out.factors(module)
+        got = f.scale * f.B.astype(np.float64) @ f.A.astype(np.float64)
+        assert np.linalg.norm(got - best) <= 1e-5 * np.linalg.norm(best)
+
+
+def test_leave_one_out_and_family_exclusion(tiny_bank, tmp_path):
+    bank = Bank.open(tiny_bank)
+    own = load_dataset(bank.dataset_path(bank.entry("math")))
+    res = generate(bank, own, tmp_path / "a", Setting())
+    assert res.provenance.excluded == ["math"] and res.provenance.coefficients["math"] == 0
+    fam = generate(bank, own, tmp_path / "b", Setting(), exclude_family=True)
+    same_family = {e.name for e in bank.entries if e.family == bank.entry("math").family}
+    assert set(fam.provenance.excluded) == same_family and len(same_family) == 2
+    assert all(fam.provenance.coefficients[n] == 0 for n in same_family)
+
+
+def test_top_k_keeps_k_entries(tiny_bank, user_dataset, tmp_path):
+    res = generate(Bank.open(tiny_bank), load_dataset(user_dataset), tmp_path / "o", Setting(top_k=2))
+    assert sum(w > 0 for w in res.provenance.coefficients.values()) == 2
+
+
+def test_mixed_ranks_and_alphas_work(tmp_path, tiny_model_dir, user_dataset):
+    from conftest import make_bank
+    from lorablend.sketch import build_index
+
+    root = make_bank(tmp_path / "bank", tiny_model_dir, topics=("animals", "math", "code"),
+                     ranks={"animals": 2, "math": 4, "code": 8}, alphas={"animals": 4.0, "math": 32.0, "code": 8.0})
+    bank = Bank.open(root)
+    build_index(bank, ("tokens",))
+    res = generate(bank, load_dataset(user_dataset), tmp_path / "out", Setting(combine="cat"))
+    f = AdapterReader(res.out).factors(AdapterReader(res.out).modules[0])
+    dense = _dense_update(bank, res.provenance.coefficients, AdapterReader(res.out).modules[0])
+    got = f.scale * f.B.astype(np.float64) @ f.A.astype(np.float64)
+    assert np.linalg.norm(got - dense) <= 1e-5 * np.linalg.norm(dense)
+    assert f.rank == 14
+
+
+def test_two_processes_write_byte_identical_adapters(tiny_bank, user_dataset, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        subprocess.run([sys.executable, "-m", "lorablend", "generate", "--bank", str(tiny_bank), "--dataset",
+                        str(user_dataset), "--out", str(out), "--metric", "mmd", "--sketch", "embeddings"],
+                       check=True, capture_output=True)
+        outs.append(out)
+    for name in ("adapter_model.safetensors", "lorablend.json", "adapter_config.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+
+
+def test_neural_operator_fits_and_generates(tiny_bank, user_dataset, tmp_path):
+    from lorablend.coefficients import NeuralConfig
+    from lorablend.metafit import fit_meta
+
+    root = tmp_path / "bank"
+    shutil.copytree(tiny_bank, root)
+    bank = Bank.open(root)
+    op, train, val = fit_meta(bank, NeuralConfig(hidden=16, epochs=40, metric="js"))
+    assert len(train) + len(val) == 5 and op.history[-1] < op.history[0]
+    res = generate(bank, load_dataset(user_dataset), tmp_path / "out", Setting(operator="neural"))
+    assert abs(sum(res.provenance.coefficients.values()) - 1) < 1e-9
+    assert json.loads((res.out / "lorablend.json").read_text())["operator"] == "neural"
