@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -109,6 +110,74 @@ def bank_info(bank: str = typer.Argument(..., help="Bank directory, or 'default'
         table.add_row(e.name, e.family or "", str(e.info.get("own_rouge_l", "")), str(e.info.get("base_rouge_l", "")),
                       str(e.info.get("train_seconds", "")))
     out.print(table)
+
+
+@app.command("demo")
+def demo_cmd(
+    task: Optional[str] = typer.Option(None, help="Bank task to treat as the new dataset (default: a fixed one)."),
+    bank: str = typer.Option("default", help="Bank directory, or 'default'."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the generated adapter."),
+    n: int = typer.Option(30, help="Test examples to score."),
+):
+    """Generate an adapter for one bank task from the others and score it against the base model and the task's own LoRA."""
+    from rich.table import Table
+
+    from .demo import DEFAULT_TASK, run_demo
+    from .models import fetch_smollm2
+
+    t0 = time.perf_counter()
+    fetch_smollm2()
+    with console.status("starting") as status:
+        rows, adapter, coefs = run_demo(task or DEFAULT_TASK, bank, out_dir, n, status=lambda m: status.update(m))
+    out.print(_top_table(coefs, 5, "strongest bank coefficients"))
+    table = Table(title=f"{task or DEFAULT_TASK}: {rows[0].scores.n} test examples, greedy")
+    for col in ("model", "Rouge-L", "exact match", "seconds"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(r.model, f"{r.scores.rouge_l:.3f}", f"{r.scores.exact_match:.3f}", f"{r.seconds:.1f}")
+    out.print(table)
+    out.print(f"generated adapter: {adapter} (PEFT format); total {time.perf_counter() - t0:.0f}s")
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: Path = typer.Option(..., help="Dataset file to score on."),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT adapter dir to evaluate."),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="Evaluate the base model alone."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base_model_name_or_path, else smollm2)."),
+    split: str = typer.Option("test", help="train | valid | test."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N examples."),
+    predictions: Optional[Path] = typer.Option(None, help="Write per-example predictions here (JSONL)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Default: from the task's train reference lengths."),
+    batch_size: int = typer.Option(8),
+    seed: int = typer.Option(0, help="Seed of the split when the file has none."),
+):
+    """Greedy generation + Rouge-L / Rouge-Lsum / exact match, with the prompt format used in training."""
+    from .adapter import read_spec
+    from .atomic import atomic_file
+    from .dataset import load_dataset
+    from .evaluate import Scores, answers_with, exact_match, load_for_eval, max_new_tokens_for, rouge
+
+    if (adapter is None) == (not no_adapter):
+        raise InputError("give exactly one of --adapter DIR or --no-adapter")
+    base = model or (read_spec(adapter).base_model if adapter else "") or "smollm2"
+    ds = load_dataset(dataset, seed=seed)
+    examples = ds.split(split)[:limit]
+    m, tok = load_for_eval(base, {"a": str(adapter) if adapter else None})
+    budget = max_new_tokens or max_new_tokens_for(tok, [e.target for e in ds.splits.get("train") or examples])
+    t0 = time.perf_counter()
+    answers = answers_with(m, "a" if adapter else None, tok, examples, max_new_tokens=budget, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    scores = Scores.of(answers, examples)
+    if predictions:
+        with atomic_file(predictions, "w") as fh:
+            for e, a in zip(examples, answers):
+                rl, rls = rouge(a, e.outputs)
+                fh.write(json.dumps({"input": e.input, "references": list(e.outputs), "prediction": a, "rouge_l": rl,
+                                     "rouge_lsum": rls, "exact_match": exact_match(a, e.outputs)}) + "\n")
+    out.print(f"{'base model' if no_adapter else adapter} on {dataset.name} [{split}, n={scores.n}]: "
+              f"Rouge-L {scores.rouge_l:.4f}  Rouge-Lsum {scores.rouge_lsum:.4f}  exact match {scores.exact_match:.4f}  "
+              f"({seconds:.1f}s, max_new_tokens={budget})")
 
 
 def _top_table(coefs: dict[str, float], n: int, title: str):

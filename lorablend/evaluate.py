@@ -106,3 +106,36 @@ def generate_answers(
         if progress is not None:
             progress(len(idx))
     return answers
+
+
+def load_for_eval(model_id: str, adapters: dict[str, str | None]):
+    """One base model with every adapter loaded under its name (None = the base model alone).
+
+    Switching adapters is then a `set_adapter` call, not a model reload.
+    """
+    from .models import load_model, load_tokenizer
+
+    model = load_model(model_id)
+    named = {k: v for k, v in adapters.items() if v is not None}
+    if named:
+        from peft import PeftModel
+
+        first, *rest = named.items()
+        model = PeftModel.from_pretrained(model, first[1], adapter_name=first[0])
+        for name, path in rest:
+            model.load_adapter(path, adapter_name=name)
+        model.eval()
+    return model, load_tokenizer(model_id)
+
+
+def answers_with(model, adapter: str | None, tokenizer, examples, **kwargs) -> list[str]:
+    """Answers with one named adapter active, or with the base model when `adapter` is None."""
+    import contextlib
+
+    if adapter is None:
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    else:
+        model.set_adapter(adapter)
+        ctx = contextlib.nullcontext()
+    with ctx:
+        return generate_answers(model, tokenizer, examples, **kwargs)

