@@ -153,7 +153,13 @@ def write_adapter(
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
     )
-    config.save_pretrained(str(out_dir))
+    # PEFT keeps target_modules as a set, whose order changes between processes:
+    # write the config ourselves with a sorted list so reruns are byte-identical.
+    cfg = config.to_dict()
+    cfg["target_modules"] = targets
+    cfg["peft_type"] = str(getattr(cfg["peft_type"], "value", cfg["peft_type"]))
+    cfg["task_type"] = str(getattr(cfg["task_type"], "value", cfg["task_type"]))
+    (out_dir / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype] if dtype != "bfloat16" else None
     tensors = {}
     for m in sorted(modules):

@@ -180,6 +180,77 @@ def eval_cmd(
               f"({seconds:.1f}s, max_new_tokens={budget})")
 
 
+@bank_app.command("import-lots-of-loras")
+def bank_import_lots_of_loras(
+    src: Path = typer.Argument(..., help="Folder of downloaded Lots-of-LoRAs repos (flat, SRC/Lots-of-LoRAs/ or a HF cache)."),
+    out_dir: Path = typer.Option(..., "--out", help="Bank directory (created, or resumed)."),
+    families: Optional[Path] = typer.Option(None, "--families", help="JSON file mapping entry name -> family."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N adapter/dataset pairs (by task number)."),
+    force: bool = typer.Option(False, help="Re-import entries already in the bank."),
+):
+    """Import Lots-of-LoRAs adapters and their task datasets as a bank (entries already present are skipped)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .lots_of_loras import import_lots_of_loras, read_families
+
+    fams = read_families(families) if families else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        bar = progress.add_task("importing", total=None)
+        report = import_lots_of_loras(
+            src, out_dir, families=fams, limit=limit, force=force,
+            warn=lambda m: console.print(f"warning: {m}", style="yellow", markup=False, highlight=False, soft_wrap=True),
+            progress=lambda name, done, total: progress.update(
+                bar, total=total, completed=done, description=f"importing {name[:40]}" if name else "imported"),
+        )
+    for name, reason in report.failed.items():
+        console.print(f"entry {name}: {reason}", style="red", markup=False, highlight=False, soft_wrap=True)
+    b = report.bank
+    out.print(f"bank {b.root}: {len(report.imported)} imported, {len(report.present)} already present, "
+              f"{len(b.entries)} entries (base model {b.manifest.base_model})", markup=False, highlight=False,
+              soft_wrap=True)
+    if report.failed:
+        raise InputError(f"{len(report.failed)} entries could not be imported (listed above); fix or remove those repos "
+                         "in SRC and re-run (the other entries are in the bank)")
+
+
+@bank_app.command("verify")
+def bank_verify(
+    bank: str = typer.Argument(..., help="Bank directory, or 'default'."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    quick: bool = typer.Option(False, "--quick", help="Only existence, sizes and headers: no hashing, no tensor data."),
+):
+    """Check every entry: file hashes, adapter headers, shapes, dtypes, NaN/Inf, module sets, datasets (exit 2 on a problem)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .bank import Bank
+    from .verify import verify_bank
+
+    b = Bank.open(bank)
+    with console.status(f"verifying {len(b.entries)} entries"):
+        problems = verify_bank(b, full_hash=not quick)
+    if as_json:
+        out.print_json(json.dumps({"root": str(b.root), "entries": len(b.entries), "ok": not problems,
+                                   "problems": [p.to_dict() for p in problems]}))
+    else:
+        table = Table(title=f"{b.root} — {len(b.entries)} entries" + (" (quick)" if quick else ""))
+        for col in ("entry", "status", "problem"):
+            table.add_column(col)
+        for e in b.entries:
+            mine = [p for p in problems if p.entry == e.name]
+            table.add_row(Text(e.name), Text("ok", style="green") if not mine else Text("FAIL", style="red"),
+                          Text("\n".join(f"{p.path.name}: {p.message}" for p in mine)))
+        out.print(table)
+    for p in problems:
+        console.print(str(p), style="red", markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        raise InputError(f"{b.root}: {len(problems)} problem(s) in {len({p.entry for p in problems})} of "
+                         f"{len(b.entries)} entries (listed above)")
+    if not as_json:
+        out.print(f"bank {b.root}: all {len(b.entries)} entries ok", markup=False, highlight=False, soft_wrap=True)
+
+
 def _top_table(coefs: dict[str, float], n: int, title: str):
     from rich.table import Table
 
@@ -197,13 +268,16 @@ def generate_cmd(
     bank: str = typer.Option(..., help="Bank directory, or 'default'."),
     dataset: Path = typer.Option(..., help="Your labelled examples (.jsonl/.json/.csv/.parquet/task.json)."),
     out_dir: Path = typer.Option(..., "--out", help="Adapter directory to write (PEFT format)."),
-    sketch: str = typer.Option("tokens", help="Dataset representation: tokens | embeddings."),
-    metric: str = typer.Option("js", help="Distance: wd | kl | js | mmd."),
-    operator: str = typer.Option("normalized", help="Meta-operator: attentional | normalized | neural."),
+    sketch: str = typer.Option("tokens", help="Dataset representation: tokens | embeddings | target-tokens | target-embeddings."),
+    metric: str = typer.Option("js", help="Distance: wd | kl | js | mmd, or ce (the model's loss with each adapter)."),
+    operator: str = typer.Option("normalized", help="Meta-operator: attentional | normalized | neural | fit."),
     combine: str = typer.Option("svd", help="Combination: svd (exact, truncated) | cat (exact) | paper (inexact)."),
     temperature: float = typer.Option(1.0, help="Softmin temperature (> 0); lower is sharper."),
     top_k: Optional[int] = typer.Option(None, help="Combine only the k nearest entries."),
     rank: Optional[int] = typer.Option(None, help="Rank of the svd output (default: the bank's rank)."),
+    rerank: Optional[int] = typer.Option(None, help="Keep M entries by --metric, then rank them by ce on labelled examples."),
+    ce_examples: int = typer.Option(16, help="Labelled train examples scored by ce / rerank / fit."),
+    fit_budget: int = typer.Option(40, help="Forward passes allowed to the fit operator's search."),
     exclude: List[str] = typer.Option([], help="Bank entries to leave out (repeatable)."),
     exclude_family: bool = typer.Option(False, help="Also leave out every entry of the excluded entries' families."),
     seed: int = typer.Option(0, help="Seed for the dataset split and sampled distances."),
@@ -215,7 +289,7 @@ def generate_cmd(
     from .dataset import load_dataset
     from .generate import Setting, generate
 
-    setting = Setting(sketch, metric, operator, combine, temperature, top_k, rank)
+    setting = Setting(sketch, metric, operator, combine, temperature, top_k, rank, rerank, ce_examples, fit_budget)
     setting.check()
     b = Bank.open(bank)
     ds = load_dataset(dataset, seed=seed)
@@ -224,13 +298,14 @@ def generate_cmd(
     out.print(_top_table(result.provenance.coefficients, show, f"strongest coefficients ({setting.label})"))
     if result.provenance.excluded:
         out.print(f"excluded: {', '.join(result.provenance.excluded)}")
-    out.print(f"adapter written to {result.out} (rank {result.provenance.rank}) in {result.seconds:.1f}s")
+    steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.provenance.timings.items())
+    out.print(f"adapter written to {result.out} (rank {result.provenance.rank}) in {result.seconds:.1f}s ({steps})")
 
 
 @bank_app.command("index")
 def bank_index(
     bank: str = typer.Argument(..., help="Bank directory, or 'default'."),
-    sketch: List[str] = typer.Option(["tokens", "embeddings"], help="Sketches to compute (repeatable)."),
+    sketch: Optional[List[str]] = typer.Option(None, help="Sketches to compute (repeatable; default: all)."),
     encoder: Optional[str] = typer.Option(None, help="Model for the embeddings sketch (default: the bank's base model)."),
 ):
     """Compute and cache each entry's sketches (only entries whose dataset changed are redone)."""
@@ -240,6 +315,7 @@ def bank_index(
     from .errors import suggest
     from .sketch import SKETCHES, build_index
 
+    sketch = sketch or list(SKETCHES)
     for k in sketch:
         if k not in SKETCHES:
             raise suggest(k, SKETCHES, "sketch")
@@ -281,34 +357,53 @@ def bank_fit_meta(
               + (f"; held-out loss {op.loss(D, G, val, everyone):.4g}" if val else ""))
 
 
+def _fail(message: str, code: int) -> None:
+    """One line on stderr, whatever the message holds (no rich markup or emoji codes, no line breaks), then exit."""
+    console.print(" ".join(str(message).split()), style="red", markup=False, emoji=False, highlight=False,
+                  soft_wrap=True)
+    sys.exit(code)
+
+
+_INTERRUPTED = "interrupted; nothing half-written was left"
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     args = [a for a in sys.argv[1:] if a != "--debug"]
     import click
+    import typer.exceptions
 
+    # typer (>= 0.26) runs its own copy of click: catch both its exceptions and click's.
+    exits = (click.exceptions.Exit, typer.Exit)
+    aborts = (click.exceptions.Abort, typer.Abort)
+    usage = (click.ClickException, typer.exceptions.TyperException)
     try:
-        app(args=args, prog_name="lorablend", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        rv = app(args=args, prog_name="lorablend", standalone_mode=False)
+    except exits as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        console.print("interrupted", style="red", highlight=False)
-        sys.exit(130)
-    except click.ClickException as exc:
+    except aborts:
+        _fail(_INTERRUPTED, 130)
+    except usage as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed already
+            sys.exit(2)
         if debug:
             raise
-        console.print(f"error: {exc.format_message()} (see --help)", style="red", highlight=False)
-        sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        where = f"`{ctx.command_path} --help`" if ctx is not None else "--help"
+        _fail(f"error: {exc.format_message()} (see {where})", getattr(exc, "exit_code", 2) or 2)
     except KeyboardInterrupt:
-        console.print("interrupted; nothing half-written was left", style="red", highlight=False)
-        sys.exit(130)
+        _fail(_INTERRUPTED, 130)
     except LorablendError as exc:
         if debug:
             raise
-        console.print(f"error: {exc}", style="red", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(f"error: {exc}", exc.exit_code)
     except Exception as exc:  # a bug or an environment failure: still one line unless --debug
         if debug:
             raise
-        console.print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                      style="red", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+    # Without standalone mode typer returns, not raises, the code of an Exit; Ctrl-C inside a
+    # command arrives here as 130.
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+        if rv == 130:
+            _fail(_INTERRUPTED, 130)
+        sys.exit(rv)

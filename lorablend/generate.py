@@ -17,14 +17,18 @@ from . import __version__
 from .adapter import AdapterReader, write_adapter
 from .atomic import atomic_dir, write_json
 from .bank import Bank
-from .coefficients import OPERATORS, NeuralOperator, coefficients
+from .coefficients import OPERATORS, NeuralOperator, coefficients, keep_top_k
 from .combine import METHODS, Factors, combine
 from .dataset import Dataset, load_dataset
 from .distances import METRICS, measure
 from .errors import InputError, suggest
+from .ce import CE_EXAMPLES, MixtureScorer
 from .sketch import SKETCHES, BankSketches, Sketcher, index_dir, load_sketches
 
 PROVENANCE = "lorablend.json"
+ALL_METRICS = METRICS + ("ce",)
+ALL_OPERATORS = OPERATORS + ("fit",)
+FIT_CANDIDATES = 16
 
 
 @dataclass(frozen=True)
@@ -38,21 +42,37 @@ class Setting:
     temperature: float = 1.0
     top_k: int | None = None
     rank: int | None = None  # None: the bank's largest rank
+    rerank: int | None = None  # keep this many by (sketch, metric), then rank them by `ce`
+    ce_examples: int = CE_EXAMPLES
+    fit_budget: int = 40
 
     def check(self) -> None:
-        for value, choices, what in ((self.sketch, SKETCHES, "sketch"), (self.metric, METRICS, "metric"),
-                                     (self.operator, OPERATORS, "operator"), (self.combine, METHODS, "combine")):
+        for value, choices, what in ((self.sketch, SKETCHES, "sketch"), (self.metric, ALL_METRICS, "metric"),
+                                     (self.operator, ALL_OPERATORS, "operator"), (self.combine, METHODS, "combine")):
             if value not in choices:
                 raise suggest(value, choices, what)
         if not self.temperature > 0:
             raise InputError(f"--temperature must be > 0, got {self.temperature}")
-        if self.rank is not None and self.rank < 1:
-            raise InputError(f"--rank must be >= 1, got {self.rank}")
+        for name in ("rank", "rerank", "ce_examples", "fit_budget"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.rerank and self.metric == "ce":
+            raise InputError("--rerank needs a distributional --metric (wd, kl, js, mmd) to retrieve candidates with")
+        if self.operator == "neural" and (self.metric == "ce" or self.rerank):
+            raise InputError("the neural operator is fitted on a distributional metric; drop --rerank / --metric ce")
+
+    @property
+    def uses_model(self) -> bool:
+        """Whether the base model must score candidates on labelled examples (ce, rerank, fit)."""
+        return self.metric == "ce" or bool(self.rerank) or self.operator == "fit"
 
     @property
     def label(self) -> str:
         parts = [self.sketch, self.metric, self.operator, self.combine, f"T{self.temperature:g}"]
-        return "/".join(parts + ([f"top{self.top_k}"] if self.top_k else []))
+        extra = [f"top{self.top_k}"] if self.top_k else []
+        extra += [f"rerank{self.rerank}"] if self.rerank else []
+        return "/".join(parts + extra)
 
 
 @dataclass
@@ -74,6 +94,9 @@ class Provenance:
     excluded: list[str]
     coefficients: dict[str, float]
     seed: int = 0
+    rerank: int | None = None
+    ce_examples: int | None = None  # labelled train examples scored (ce, rerank, fit)
+    fit_budget: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -114,10 +137,42 @@ def meta_path(bank: Bank, sketch: str, metric: str) -> Path:
     return index_dir(bank) / f"neural-{sketch}-{metric}"
 
 
-def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[str]) -> np.ndarray:
-    d = np.where(np.isin(bank.names, excluded), np.inf, d)
-    neural = NeuralOperator.load(meta_path(bank, setting.sketch, setting.metric)) if setting.operator == "neural" else None
-    return coefficients(d, setting.operator, setting.temperature, setting.top_k, neural)
+def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[str],
+                    dataset: Dataset | None = None) -> np.ndarray:
+    """Distances → coefficients, with the model-based steps (ce, rerank, fit) when the setting asks."""
+    d = np.where(np.isin(bank.names, excluded), np.inf, np.asarray(d, dtype=np.float64))
+    if not setting.uses_model:
+        neural = NeuralOperator.load(meta_path(bank, setting.sketch, setting.metric)) if setting.operator == "neural" else None
+        return coefficients(d, setting.operator, setting.temperature, setting.top_k, neural)
+    if dataset is None:
+        raise InputError(f"metric ce, --rerank and operator fit need the dataset's labelled examples")
+    if setting.metric == "ce":
+        candidates = np.flatnonzero(np.isfinite(d))
+    else:
+        m = setting.rerank or setting.top_k or FIT_CANDIDATES
+        candidates = np.flatnonzero(np.isfinite(keep_top_k(d, min(m, int(np.isfinite(d).sum())))))
+    scorer = mixture_scorer(bank, [bank.names[i] for i in candidates], dataset, setting.ce_examples)
+    try:
+        if setting.metric == "ce" or setting.rerank:
+            d = np.full_like(d, np.inf)
+            d[candidates] = scorer.ce_row()
+        if setting.operator != "fit":
+            return coefficients(d, setting.operator, setting.temperature, setting.top_k)
+        start = coefficients(d, "normalized", setting.temperature, setting.top_k)
+        c = np.zeros_like(d)
+        c[candidates] = scorer.fit(start[candidates], budget=setting.fit_budget)
+        return c
+    finally:
+        scorer.close()
+
+
+def mixture_scorer(bank: Bank, names: list[str], dataset: Dataset, k: int) -> MixtureScorer:
+    from .models import load_model, load_tokenizer
+
+    examples = dataset.split("train")[:k]
+    readers = list(open_readers(bank, names).values())
+    model = load_model(bank.manifest.base_model)
+    return MixtureScorer(model, load_tokenizer(bank.manifest.base_model), readers, examples)
 
 
 # --------------------------------------------------------------------------- #
@@ -196,13 +251,15 @@ def generate(
     if out.exists() and not force:
         raise InputError(f"{out}: already exists; choose another --out or pass --force to replace it")
     excluded = exclusions(bank, dataset, list(exclude), exclude_family)
-    _, sk = load_sketches(bank, setting.sketch)
     timings = {}
-    query = query_sketch(bank, setting.sketch, dataset)
-    timings["sketch_s"] = time.perf_counter() - t0
-    d = distances_to_bank(sk, setting.metric, query, seed)
-    c = coefficient_row(bank, setting, d, excluded)
-    timings["distances_s"] = time.perf_counter() - t0 - timings["sketch_s"]
+    if setting.metric == "ce":
+        d = np.zeros(len(bank.names))  # every candidate is scored by the model
+    else:
+        _, sk = load_sketches(bank, setting.sketch)
+        d = distances_to_bank(sk, setting.metric, query_sketch(bank, setting.sketch, dataset), seed)
+    timings["distances_s"] = time.perf_counter() - t0
+    c = coefficient_row(bank, setting, d, excluded, dataset)
+    timings["coefficients_s"] = time.perf_counter() - t0 - timings["distances_s"]
     coefs = {n: float(w) for n, w in zip(bank.names, c)}
     readers = open_readers(bank, [n for n, w in coefs.items() if w > 0])
     rank = setting.rank or bank_rank(readers)
@@ -225,6 +282,10 @@ def generate(
         excluded=excluded,
         coefficients=coefs,
         seed=seed,
+        rerank=setting.rerank,
+        ce_examples=setting.ce_examples if setting.uses_model else None,
+        fit_budget=setting.fit_budget if setting.operator == "fit" else None,
+        timings=timings,
     )
     write_output(out, modules, bank.manifest.base_model, prov, force=force, dtype=dtype)
     seconds = time.perf_counter() - t0

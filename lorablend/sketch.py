@@ -1,11 +1,14 @@
 """Stage 2 — sketches: a dataset as a probability distribution, and the bank's cached index.
 
-Two sketches:
+Two representations, each of two texts:
 - `tokens`, the paper's: the token ids of input + first output (bank tokenizer,
   no truncation) as a histogram over the vocabulary.
 - `embeddings`: one vector per example, the mean-pooled last hidden state of an
   encoder (the bank's base model by default; recorded in the index). A point
   cloud in a space where distances mean something, unlike token-id order.
+- `target-tokens` / `target-embeddings`: the same on the first output alone.
+  Input-side similarity measures the domain; the task shows in what is answered
+  (a yes/no task and a QA task on one passage share their inputs).
 
 `BANK/index/` caches the bank side: `index.json` (the `IndexManifest`),
 `tokens.npz` (sparse count rows), `embeddings.npz` (float16 clouds + a k-means
@@ -28,9 +31,9 @@ from .bank import Bank
 from .dataset import Dataset, Example, load_dataset
 from .errors import InputError
 
-SKETCHES = ("tokens", "embeddings")
+SKETCHES = ("tokens", "embeddings", "target-tokens", "target-embeddings")
 INDEX_VERSION = 1
-EMBED_EXAMPLES = 32
+EMBED_EXAMPLES = 16
 EMBED_MAX_TOKENS = 256
 CODEBOOK_SIZE = 32
 TOKEN_EXAMPLES = 2000
@@ -66,23 +69,27 @@ class BankSketches:
 # --------------------------------------------------------------------------- #
 
 
-def _texts(examples: list[Example]) -> list[str]:
-    """The paper's text of an example: input followed by its first output."""
-    return [f"{e.input} {e.target}" for e in examples]
+def _texts(examples: list[Example], target_only: bool = False) -> list[str]:
+    """The paper's text of an example (input followed by its first output), or the output alone."""
+    return [e.target if target_only else f"{e.input} {e.target}" for e in examples]
 
 
-def token_counts(tokenizer, examples: list[Example]) -> np.ndarray:
-    ids = tokenizer(_texts(examples[:TOKEN_EXAMPLES]), add_special_tokens=False)["input_ids"]
+def is_token_sketch(kind: str) -> bool:
+    return kind.endswith("tokens")
+
+
+def token_counts(tokenizer, examples: list[Example], target_only: bool = False) -> np.ndarray:
+    ids = tokenizer(_texts(examples[:TOKEN_EXAMPLES], target_only), add_special_tokens=False)["input_ids"]
     flat = np.fromiter((t for row in ids for t in row), dtype=np.int64)
     return np.bincount(flat, minlength=len(tokenizer)).astype(np.float64)
 
 
 def embed(model, tokenizer, examples: list[Example], n: int = EMBED_EXAMPLES, max_tokens: int = EMBED_MAX_TOKENS,
-          batch_size: int = 8) -> np.ndarray:
+          batch_size: int = 8, target_only: bool = False) -> np.ndarray:
     """Mean-pooled last hidden states of the first `n` examples (train splits are already shuffled)."""
     import torch
 
-    texts = _texts(examples[:n])
+    texts = _texts(examples[:n], target_only)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
     for start in range(0, len(texts), batch_size):
@@ -110,20 +117,19 @@ class Sketcher:
 
         return load_tokenizer(self.tokenizer_id)
 
-    def tokens(self, dataset: Dataset) -> np.ndarray:
-        return token_counts(self.tokenizer, dataset.split("train"))
-
-    def embeddings(self, dataset: Dataset, n: int = EMBED_EXAMPLES, max_tokens: int = EMBED_MAX_TOKENS) -> np.ndarray:
+    def sketch(self, kind: str, dataset: Dataset, manifest: IndexManifest | None) -> np.ndarray:
+        """A token histogram (1-D) or an embedding cloud (2-D) of the dataset's train split."""
         from .models import load_model, load_tokenizer
 
+        target_only = kind.startswith("target-")
+        train = dataset.split("train")
+        if is_token_sketch(kind):
+            return token_counts(self.tokenizer, train, target_only)
         if self._model is None:
             self._model = load_model(self.encoder_id)
-        return embed(self._model, load_tokenizer(self.encoder_id), dataset.split("train"), n, max_tokens)
-
-    def sketch(self, kind: str, dataset: Dataset, manifest: IndexManifest):
-        if kind == "tokens":
-            return self.tokens(dataset)
-        return self.embeddings(dataset, manifest.embed_examples, manifest.embed_max_tokens)
+        manifest = manifest or IndexManifest()
+        return embed(self._model, load_tokenizer(self.encoder_id), train, manifest.embed_examples,
+                     manifest.embed_max_tokens, target_only=target_only)
 
 
 # --------------------------------------------------------------------------- #
@@ -217,7 +223,7 @@ def build_index(bank: Bank, kinds: tuple[str, ...] = SKETCHES, encoder: str | No
 def _read_npz(path: Path, kind: str) -> BankSketches:
     with np.load(path, allow_pickle=False) as z:
         names = [str(n) for n in z["names"]]
-        if kind == "tokens":
+        if is_token_sketch(kind):
             return BankSketches(names, counts=sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"])))
         clouds = np.split(z["vectors"].astype(np.float32), z["offsets"][1:-1])
         return BankSketches(names, clouds=clouds, codebook=z["codebook"].astype(np.float32))
@@ -229,7 +235,7 @@ def _cached_rows(bank: Bank, kind: str) -> dict[str, np.ndarray]:
     if not path.exists():
         return {}
     sk = _read_npz(path, kind)
-    if kind == "tokens":
+    if is_token_sketch(kind):
         return {n: sk.counts[i].toarray().ravel().astype(np.float64) for i, n in enumerate(sk.names)}
     return dict(zip(sk.names, sk.clouds))
 
@@ -237,7 +243,7 @@ def _cached_rows(bank: Bank, kind: str) -> dict[str, np.ndarray]:
 def _write_kind(bank: Bank, kind: str, rows: list[np.ndarray]) -> None:
     names = np.array(bank.names)
     path = index_dir(bank) / f"{kind}.npz"
-    if kind == "tokens":
+    if is_token_sketch(kind):
         counts = sp.csr_matrix(np.vstack(rows).astype(np.int32))
         _save_npz(path, names=names, data=counts.data, indices=counts.indices, indptr=counts.indptr,
                   shape=np.array(counts.shape))

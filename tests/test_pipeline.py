@@ -131,3 +131,40 @@ def test_neural_operator_fits_and_generates(tiny_bank, user_dataset, tmp_path):
     res = generate(bank, load_dataset(user_dataset), tmp_path / "out", Setting(operator="neural"))
     assert abs(sum(res.provenance.coefficients.values()) - 1) < 1e-9
     assert json.loads((res.out / "lorablend.json").read_text())["operator"] == "neural"
+
+
+@pytest.mark.parametrize("setting", [
+    Setting(metric="ce", combine="cat"),
+    Setting(metric="js", rerank=3, combine="cat"),
+    Setting(metric="js", operator="fit", top_k=3, fit_budget=12, combine="cat"),
+], ids=["ce", "rerank", "fit"])
+def test_model_based_settings(tiny_bank, user_dataset, tmp_path, setting):
+    res = generate(Bank.open(tiny_bank), load_dataset(user_dataset), tmp_path / "o", setting)
+    c = np.array(list(res.provenance.coefficients.values()))
+    assert c.min() >= 0 and abs(c.sum() - 1) < 1e-6
+    if setting.rerank or setting.top_k:
+        assert (c > 0).sum() <= (setting.rerank or setting.top_k)
+
+
+def test_mixture_scorer_hooks_equal_the_cat_adapter(tiny_bank, tiny_model_dir, user_dataset, tmp_path):
+    """The hook-based mixture is exactly base + cat adapter: its loss equals the PEFT model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorablend.ce import MixtureScorer
+    from lorablend.generate import open_readers
+
+    bank = Bank.open(tiny_bank)
+    ds = load_dataset(user_dataset)
+    res = generate(bank, ds, tmp_path / "o", Setting(combine="cat"))
+    w = np.array([res.provenance.coefficients[n] for n in bank.names])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    scorer = MixtureScorer(model, tok, list(open_readers(bank, bank.names).values()), ds.split("train")[:4], bf16=False)
+    hooked = scorer.loss(w)
+    scorer.close()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(res.out)).eval()
+    ref = MixtureScorer(peft_model.base_model.model, tok, list(open_readers(bank, bank.names[:1]).values()),
+                        ds.split("train")[:4], bf16=False).loss(np.zeros(1))
+    assert abs(hooked - ref) < 1e-5
+    assert abs(scorer.loss(np.zeros(len(w))) - hooked) > 1e-6  # the adapters do change the loss

@@ -1,0 +1,126 @@
+"""Model-based distance (`ce`) and weight fitting (`fit`): what each adapter does to the user's examples.
+
+The paper compares datasets; what matters is whether an adapter's model fits the
+user's data. CE(data, model_i) = KL(data ‖ model_i) + H(data), so the mean
+per-token cross-entropy of the targets under base + adapter i, minus the base
+model's, is that KL up to a constant.
+
+One base model is loaded once. Candidate adapters are applied as low-rank updates
+through forward hooks on the adapted Linear layers: for weights w, the layer adds
+x Aᵀ diag(w ⊗ s) Bᵀ (stacked factors of all candidates), which is exactly the
+`cat` combination with coefficients w. Scoring a candidate, or any mixture of
+candidates, is one forward pass; nothing is reloaded. No gradient is taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .adapter import AdapterReader
+from .dataset import Example
+from .errors import InputError
+from .prompts import PromptFormat, training_pair
+
+CE_EXAMPLES = 16
+
+
+@dataclass
+class _Stack:
+    """One adapted Linear: the candidates' factors side by side."""
+
+    A: "torch.Tensor"  # (R, k): rows of all candidates
+    B: "torch.Tensor"  # (d, R)
+    owner: "torch.Tensor"  # (R,): index of the candidate each rank belongs to
+    scale: "torch.Tensor"  # (R,): that candidate's own scaling
+
+
+class MixtureScorer:
+    """Loss of k labelled examples under base + Σ_i w_i · (adapter i), for any weights w."""
+
+    def __init__(self, model, tokenizer, readers: list[AdapterReader], examples: list[Example],
+                 fmt: PromptFormat = PromptFormat(), bf16: bool = True):
+        import torch
+
+        if not examples:
+            raise InputError("the ce distance and the fit operator need labelled train examples; the dataset has none")
+        self.model, self.bf16 = model, bf16
+        self.weights = torch.zeros(len(readers))
+        self.evaluations = 0
+        self._stacks = {m: self._stack(readers, m) for m in readers[0].modules}
+        self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in self._stacks]
+        pairs = [training_pair(tokenizer, e, fmt) for e in examples]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        width = max(len(p) for p, _ in pairs)
+        self._ids = torch.tensor([p + [pad] * (width - len(p)) for p, _ in pairs])
+        self._mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p, _ in pairs])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
+        self._targets = labels[:, 1:]  # position t predicts token t+1
+        self._at = self._targets != -100
+
+    @staticmethod
+    def _stack(readers: list[AdapterReader], module: str) -> _Stack:
+        import torch
+
+        fs = [r.factors(module) for r in readers]
+        return _Stack(
+            A=torch.from_numpy(np.concatenate([f.A for f in fs])),
+            B=torch.from_numpy(np.concatenate([f.B for f in fs], axis=1)),
+            owner=torch.tensor([i for i, f in enumerate(fs) for _ in range(f.rank)]),
+            scale=torch.tensor([f.scale for f in fs for _ in range(f.rank)], dtype=torch.float32),
+        )
+
+    def _hook(self, module: str):
+        def add_update(_layer, inputs, output):
+            if not self.weights.any():
+                return output
+            st = self._stacks[module]
+            coef = (self.weights[st.owner] * st.scale).to(output.dtype)
+            x = inputs[0]
+            return output + ((x @ st.A.to(x.dtype).T) * coef) @ st.B.to(x.dtype).T
+
+        return add_update
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def loss(self, weights) -> float:
+        """Mean per-token cross-entropy of the targets (logits only at target positions)."""
+        import torch
+
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        self.evaluations += 1
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.model.base_model(input_ids=self._ids, attention_mask=self._mask).last_hidden_state[:, :-1]
+            logits = self.model.get_output_embeddings()(hidden[self._at]).float()
+        return float(torch.nn.functional.cross_entropy(logits, self._targets[self._at]))
+
+    def ce_row(self) -> np.ndarray:
+        """CE with each candidate alone, minus the base model's CE (lower = fits better)."""
+        n = len(self.weights)
+        base = self.loss(np.zeros(n))
+        return np.array([self.loss(np.eye(n)[i]) for i in range(n)]) - base
+
+    def fit(self, init: np.ndarray, budget: int = 40, penalty: float = 0.01, seed: int = 0) -> np.ndarray:
+        """Gradient-free search of mixture weights (Nelder–Mead on softmax logits), started at `init`.
+
+        The entropy penalty favours few adapters; the budget bounds forward passes.
+        """
+        from scipy.optimize import minimize
+
+        from .coefficients import softmin
+
+        init = np.clip(np.asarray(init, dtype=np.float64), 1e-6, None)
+        z0 = np.log(init / init.sum())
+
+        def objective(z):
+            w = softmin(-z)
+            return self.loss(w) + penalty * float(-(w * np.log(w + 1e-12)).sum())
+
+        rng = np.random.default_rng(seed)
+        simplex = np.vstack([z0, z0 + np.eye(len(z0)) * 1.0 + rng.normal(0, 1e-3, (len(z0), len(z0)))])
+        res = minimize(objective, z0, method="Nelder-Mead",
+                       options={"maxfev": budget, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4})
+        return softmin(-res.x)  # Nelder–Mead returns the best point it evaluated, z0 included
