@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 
 from .errors import InputError, LorablendError
+from .models import SMOLLM2_ID
+from .train import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA adapters without gradient training: combine a bank of LoRAs by dataset similarity.")
@@ -59,23 +61,26 @@ def data_bigbench(
     out.print(f"{len(tasks)} tasks written to {out_dir} (list: {out_dir / 'tasks.json'})")
 
 
+_TRAIN = TrainConfig()
+
+
 @bank_app.command("build")
 def bank_build(
     tasks: List[Path] = typer.Option(..., "--tasks", help="Dataset files or a tasks.json list (repeatable)."),
     out_dir: Path = typer.Option(..., "--out", help="Bank directory (created, or resumed)."),
-    model: str = typer.Option("HuggingFaceTB/SmolLM2-135M-Instruct", help="Base model: hub id or local dir."),
-    r: int = typer.Option(8, help="LoRA rank."),
-    alpha: float = typer.Option(16.0, help="LoRA alpha."),
-    target_modules: str = typer.Option("q_proj,v_proj", help="Comma-separated module names."),
-    steps: int = typer.Option(32, help="Optimizer steps per entry."),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(1e-3),
-    seed: int = typer.Option(0, help="Base seed; each entry's seed is derived from it and the entry name."),
-    eval_examples: int = typer.Option(30, help="Test examples scored per entry (own adapter vs base model)."),
+    model: str = typer.Option(SMOLLM2_ID, help="Base model: hub id or local dir."),
+    r: int = typer.Option(_TRAIN.r, help="LoRA rank."),
+    alpha: float = typer.Option(_TRAIN.alpha, help="LoRA alpha."),
+    target_modules: str = typer.Option(",".join(_TRAIN.target_modules), help="Comma-separated module names."),
+    steps: int = typer.Option(_TRAIN.steps, help="Optimizer steps per entry."),
+    batch_size: int = typer.Option(_TRAIN.batch_size),
+    lr: float = typer.Option(_TRAIN.lr),
+    seed: int = typer.Option(_TRAIN.seed, help="Base seed; each entry's seed is derived from it and the entry name."),
+    eval_examples: int = typer.Option(_TRAIN.eval_examples, help="Test examples scored per entry (own adapter vs base model)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N tasks."),
 ):
     """Train one LoRA per task on the CPU (resumable: finished entries are skipped)."""
-    from .train import TrainConfig, build_bank, read_tasks
+    from .train import build_bank, read_tasks
 
     if min(r, steps, batch_size) < 1 or lr <= 0 or alpha <= 0:
         raise InputError("--r, --steps and --batch-size must be >= 1, --lr and --alpha > 0")
@@ -282,6 +287,7 @@ def generate_cmd(
     exclude_family: bool = typer.Option(False, help="Also leave out every entry of the excluded entries' families."),
     seed: int = typer.Option(0, help="Seed for the dataset split and sampled distances."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    verify: bool = typer.Option(False, "--verify", help="First check the full sha256 of every bank entry it reads."),
     show: int = typer.Option(10, help="Rows of the coefficient table."),
 ):
     """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step)."""
@@ -294,7 +300,8 @@ def generate_cmd(
     b = Bank.open(bank)
     ds = load_dataset(dataset, seed=seed)
     with console.status(f"generating an adapter from {len(b.entries)} bank entries"):
-        result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed)
+        result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,
+                          verify=verify)
     out.print(_top_table(result.provenance.coefficients, show, f"strongest coefficients ({setting.label})"))
     if result.provenance.excluded:
         out.print(f"excluded: {', '.join(result.provenance.excluded)}")
@@ -320,7 +327,7 @@ def bank_index(
         if k not in SKETCHES:
             raise suggest(k, SKETCHES, "sketch")
     b = Bank.open(bank)
-    with Progress(console=console) as progress:
+    with Progress(console=console, transient=True) as progress:  # transient: an error stays the last line
         bars = {k: progress.add_task(f"{k} sketches", total=len(b.entries)) for k in sketch}
         manifest = build_index(b, tuple(sketch), encoder, progress=lambda kind, name: progress.advance(bars[kind]))
     out.print(f"index of {b.root}: {', '.join(manifest.sketches)} for {len(b.entries)} entries (encoder {manifest.encoder})")

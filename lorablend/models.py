@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import platformdirs
-import torch
 
 from .atomic import atomic_dir
 from .errors import InputError
@@ -77,6 +76,7 @@ def _gguf_chat_template(gguf_path: Path) -> str | None:
 
 def _convert_gguf(gguf_path: Path, out: Path, step) -> None:
     """Dequantise `gguf_path` into an fp32 safetensors model + tokenizer in `out`."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     step("reading GGUF")
@@ -192,10 +192,12 @@ def _load_error(name_or_path: str, err: Exception) -> InputError:
 _LOAD_ERRORS = (OSError, ValueError)
 
 
-def load_model(name_or_path: str, dtype=torch.float32):
-    """A causal LM in eval mode, from a hub id, a local dir or the 'smollm2' alias."""
+def load_model(name_or_path: str, dtype=None):
+    """A causal LM in eval mode (float32 unless `dtype` says otherwise), from a hub id, a local dir or 'smollm2'."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     resolved = resolve_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
