@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +44,19 @@ class AdapterSpec:
     alpha_pattern: dict = field(default_factory=dict)
 
     def _pattern(self, pattern: dict, module: str, default):
+        """The value of the first key matching `module` the way PEFT matches it (a regex on the name's tail)."""
         for key, value in pattern.items():
-            if module == key or module.endswith("." + key):
-                return value
+            try:
+                if re.match(rf"(.*\.)?({key})$", module):
+                    return value
+            except re.error:
+                if module == key or module.endswith("." + key):
+                    return value
         return default
+
+    def rank(self, module: str) -> int:
+        """The rank the config gives a module: rank_pattern, else r."""
+        return int(self._pattern(self.rank_pattern, module, self.r))
 
     def scale(self, module: str) -> float:
         """PEFT's scaling for one module: alpha / r, or alpha / sqrt(r) with rsLoRA."""
@@ -63,7 +73,9 @@ def read_spec(adapter_dir: str | Path) -> AdapterSpec:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{cfg_path}: invalid JSON ({exc})") from None
+        raise InputError(f"{cfg_path}: invalid JSON ({exc}); restore the file or rebuild the adapter") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path}: expected a JSON object (a PEFT LoraConfig), got {type(cfg).__name__}")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(f"{cfg_path}: peft_type {peft_type} is not LoRA; lorablend combines LoRA adapters only")
@@ -77,16 +89,22 @@ def read_spec(adapter_dir: str | Path) -> AdapterSpec:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    return AdapterSpec(
-        path=adapter_dir,
-        r=int(cfg.get("r", 8)),
-        alpha=float(cfg.get("lora_alpha", cfg.get("r", 8))),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        base_model=str(cfg.get("base_model_name_or_path") or ""),
-        target_modules=sorted(targets),
-        rank_pattern=dict(cfg.get("rank_pattern") or {}),
-        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-    )
+    try:
+        spec = AdapterSpec(
+            path=adapter_dir,
+            r=int(cfg.get("r", 8)),
+            alpha=float(cfg.get("lora_alpha", cfg.get("r", 8))),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            base_model=str(cfg.get("base_model_name_or_path") or ""),
+            target_modules=sorted(map(str, targets)),
+            rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+        )
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{cfg_path}: invalid LoRA config ({exc}); fix r, lora_alpha, rank_pattern, alpha_pattern") from None
+    if spec.r < 1 or not math.isfinite(spec.alpha):
+        raise InputError(f"{cfg_path}: invalid LoRA config (r={spec.r}, lora_alpha={spec.alpha}); r must be >= 1")
+    return spec
 
 
 class AdapterReader:
@@ -96,7 +114,7 @@ class AdapterReader:
         self.spec = read_spec(adapter_dir)
         path = Path(adapter_dir) / WEIGHTS
         if not path.exists():
-            raise InputError(f"{path}: adapter weights not found")
+            raise InputError(f"{path}: adapter weights not found; an adapter dir needs {CONFIG} and {WEIGHTS}")
         try:
             self._file = safe_open(str(path), framework="pt")
             keys = list(self._file.keys())
@@ -112,6 +130,10 @@ class AdapterReader:
         extra = [k for k in keys if k not in known]
         if extra:
             raise InputError(f"{path}: unsupported tensor '{extra[0]}' (DoRA or another LoRA variant?); remove it")
+        missing = sorted(known - set(keys))
+        if missing:
+            raise InputError(f"{path}: '{missing[0]}' is missing (a lora_A without its lora_B); the adapter is corrupt: "
+                             "rebuild it or remove it from the bank")
 
     def factors(self, module: str) -> Factors:
         import torch
@@ -119,9 +141,15 @@ class AdapterReader:
         A = self._file.get_tensor(f"{_PREFIX}{module}.lora_A.weight").to(torch.float32).numpy()
         B = self._file.get_tensor(f"{_PREFIX}{module}.lora_B.weight").to(torch.float32).numpy()
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise InputError(f"{self.path}: module {module} has inconsistent shapes A{A.shape} B{B.shape}")
+            raise InputError(f"{self.path}: module {module} has inconsistent shapes A{A.shape} B{B.shape}; "
+                             "the adapter is corrupt: rebuild it or remove it from the bank")
+        if A.shape[0] != self.spec.rank(module):
+            # its scale (alpha / r) would be wrong, and PEFT itself refuses such an adapter
+            raise InputError(f"{self.path}: module {module} has rank {A.shape[0]} but {CONFIG} says "
+                             f"{self.spec.rank(module)}; fix r / rank_pattern in the config or rebuild the adapter")
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
-            raise InputError(f"{self.path}: module {module} holds NaN or Inf values; the adapter is corrupt")
+            raise InputError(f"{self.path}: module {module} holds NaN or Inf values; the adapter is corrupt: "
+                             "rebuild it or remove it from the bank")
         return Factors(A=A, B=B, scale=self.spec.scale(module))
 
 

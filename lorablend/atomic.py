@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -25,13 +31,35 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """`mkdir -p` the parent of `path`; returns the dirs it created, deepest first."""
+    created, parent = [], path.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_created(dirs: list[Path]) -> None:
+    """On failure, remove the parents `_make_parents` created (if still empty): nothing new is left."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of `path` for writing; rename it into place on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    created = _make_parents(path)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except BaseException:
+        _remove_created(created)
+        raise
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make shared banks unreadable
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -41,6 +69,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _remove_created(created)
         raise
 
 
@@ -57,9 +86,14 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     With `force`, an existing `path` is replaced (removed only after the new one is complete).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    created = _make_parents(path)
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except BaseException:
+        _remove_created(created)
+        raise
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():
@@ -78,6 +112,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
 
 

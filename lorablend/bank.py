@@ -71,6 +71,10 @@ class Bank:
             raw = json.loads(mpath.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"{mpath}: invalid JSON ({exc}); restore the file or rebuild the bank") from None
+        except RecursionError:
+            raise InputError(f"{mpath}: invalid JSON (nested too deeply); restore the file or rebuild the bank") from None
+        except OSError as exc:
+            raise InputError(f"{mpath}: cannot read the bank manifest ({exc.strerror or exc})") from None
         return cls(root, _parse_manifest(raw, mpath))
 
     @classmethod
@@ -124,7 +128,9 @@ def _parse_manifest(raw, where: Path) -> BankManifest:
     if not isinstance(raw, dict) or raw.get("format") != BANK_FORMAT:
         raise InputError(f"{where}: not a lorablend bank manifest (no \"format\": \"{BANK_FORMAT}\")")
     version = raw.get("version")
-    if not isinstance(version, int) or version > BANK_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{where}: manifest has no valid 'version' (got {version!r}); restore the file or rebuild the bank")
+    if version > BANK_VERSION:
         raise InputError(
             f"{where}: bank format version {version!r} is newer than this lorablend supports ({BANK_VERSION}); "
             "upgrade lorablend"
@@ -132,11 +138,23 @@ def _parse_manifest(raw, where: Path) -> BankManifest:
     for key in ("base_model", "entries"):
         if key not in raw:
             raise InputError(f"{where}: manifest has no '{key}' field")
+    if not isinstance(raw["entries"], list):
+        raise InputError(f"{where}: 'entries' must be a list of entries, got {type(raw['entries']).__name__}")
+    for key in ("base_model", "tokenizer"):
+        if not isinstance(raw.get(key, ""), str):
+            raise InputError(f"{where}: '{key}' must be a string (a hub id or a local dir)")
     entries, seen = [], set()
     for i, rec in enumerate(raw["entries"]):
         missing = [k for k in ("name", "adapter_dir", "dataset") if not isinstance(rec, dict) or k not in rec]
         if missing:
             raise InputError(f"{where}: entry {i} lacks {', '.join(missing)}")
+        label = f"entry {i} ({str(rec['name'])[:60]})"
+        for key, kind, what in (("name", str, "a string"), ("adapter_dir", str, "a string"), ("dataset", str, "a string"),
+                                ("family", (str, type(None)), "a string or null"), ("files", dict, "an object"),
+                                ("info", dict, "an object")):
+            if key in rec and not isinstance(rec[key], kind):
+                raise InputError(f"{where}: {label}: '{key}' must be {what}, got {type(rec[key]).__name__}; "
+                                 "restore the file or rebuild the bank")
         if rec["name"] in seen:
             raise InputError(f"{where}: duplicate entry name '{rec['name']}'; entry names must be unique")
         seen.add(rec["name"])
@@ -155,5 +173,5 @@ def _parse_manifest(raw, where: Path) -> BankManifest:
         tokenizer=raw.get("tokenizer", raw["base_model"]),
         entries=entries,
         version=version,
-        info=dict(raw.get("info", {})),
+        info=dict(raw["info"]) if isinstance(raw.get("info"), dict) else {},
     )

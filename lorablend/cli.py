@@ -27,6 +27,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Task data available offline."
 app.add_typer(bank_app, name="bank")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(no_args_is_help=True, help="Write adapters in other formats (GGUF for llama.cpp / Ollama).")
+app.add_typer(export_app, name="export")
 
 console = Console(stderr=True)
 out = Console()
@@ -156,6 +158,7 @@ def eval_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, help="Default: from the task's train reference lengths."),
     batch_size: int = typer.Option(8),
     seed: int = typer.Option(0, help="Seed of the split when the file has none."),
+    backend: str = typer.Option("auto", help="torch | llamacpp | auto (llamacpp when installed and the model has a GGUF)."),
 ):
     """Greedy generation + Rouge-L / Rouge-Lsum / exact match, with the prompt format used in training."""
     from .adapter import read_spec
@@ -168,7 +171,7 @@ def eval_cmd(
     base = model or (read_spec(adapter).base_model if adapter else "") or "smollm2"
     ds = load_dataset(dataset, seed=seed)
     examples = ds.split(split)[:limit]
-    m, tok = load_for_eval(base, {"a": str(adapter) if adapter else None})
+    m, tok = load_for_eval(base, {"a": str(adapter) if adapter else None}, backend=backend)
     budget = max_new_tokens or max_new_tokens_for(tok, [e.target for e in ds.splits.get("train") or examples])
     t0 = time.perf_counter()
     answers = answers_with(m, "a" if adapter else None, tok, examples, max_new_tokens=budget, batch_size=batch_size)
@@ -182,7 +185,7 @@ def eval_cmd(
                                      "rouge_lsum": rls, "exact_match": exact_match(a, e.outputs)}) + "\n")
     out.print(f"{'base model' if no_adapter else adapter} on {dataset.name} [{split}, n={scores.n}]: "
               f"Rouge-L {scores.rouge_l:.4f}  Rouge-Lsum {scores.rouge_lsum:.4f}  exact match {scores.exact_match:.4f}  "
-              f"({seconds:.1f}s, max_new_tokens={budget})")
+              f"({seconds:.1f}s, max_new_tokens={budget}, backend {'llamacpp' if getattr(m, 'is_llamacpp', False) else 'torch'})")
 
 
 @bank_app.command("import-lots-of-loras")
@@ -200,23 +203,24 @@ def bank_import_lots_of_loras(
 
     fams = read_families(families) if families else None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+                  console=console, transient=True) as progress:
         bar = progress.add_task("importing", total=None)
         report = import_lots_of_loras(
             src, out_dir, families=fams, limit=limit, force=force,
-            warn=lambda m: console.print(f"warning: {m}", style="yellow", markup=False, highlight=False, soft_wrap=True),
+            warn=lambda m: console.print(f"warning: {m}", style="yellow", markup=False, emoji=False, highlight=False, soft_wrap=True),
             progress=lambda name, done, total: progress.update(
                 bar, total=total, completed=done, description=f"importing {name[:40]}" if name else "imported"),
         )
     for name, reason in report.failed.items():
-        console.print(f"entry {name}: {reason}", style="red", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"entry {name}: {reason}", style="red", markup=False, emoji=False, highlight=False, soft_wrap=True)
     b = report.bank
     out.print(f"bank {b.root}: {len(report.imported)} imported, {len(report.present)} already present, "
-              f"{len(b.entries)} entries (base model {b.manifest.base_model})", markup=False, highlight=False,
+              f"{len(b.entries)} entries (base model {b.manifest.base_model})", markup=False, emoji=False, highlight=False,
               soft_wrap=True)
     if report.failed:
-        raise InputError(f"{len(report.failed)} entries could not be imported (listed above); fix or remove those repos "
-                         "in SRC and re-run (the other entries are in the bank)")
+        n = len(report.failed)
+        raise InputError(f"{n} entr{'y' if n == 1 else 'ies'} could not be imported (listed above); fix or remove "
+                         "those repos in SRC and re-run (the other entries are in the bank)")
 
 
 @bank_app.command("verify")
@@ -239,7 +243,7 @@ def bank_verify(
         out.print_json(json.dumps({"root": str(b.root), "entries": len(b.entries), "ok": not problems,
                                    "problems": [p.to_dict() for p in problems]}))
     else:
-        table = Table(title=f"{b.root} — {len(b.entries)} entries" + (" (quick)" if quick else ""))
+        table = Table(title=Text(f"{b.root} — {len(b.entries)} entries" + (" (quick)" if quick else "")))
         for col in ("entry", "status", "problem"):
             table.add_column(col)
         for e in b.entries:
@@ -248,12 +252,102 @@ def bank_verify(
                           Text("\n".join(f"{p.path.name}: {p.message}" for p in mine)))
         out.print(table)
     for p in problems:
-        console.print(str(p), style="red", markup=False, highlight=False, soft_wrap=True)
+        console.print(str(p), style="red", markup=False, emoji=False, highlight=False, soft_wrap=True)
     if problems:
         raise InputError(f"{b.root}: {len(problems)} problem(s) in {len({p.entry for p in problems})} of "
                          f"{len(b.entries)} entries (listed above)")
     if not as_json:
-        out.print(f"bank {b.root}: all {len(b.entries)} entries ok", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"bank {b.root}: all {len(b.entries)} entries ok", markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+
+@app.command("bench")
+def bench_cmd(
+    bank: Optional[str] = typer.Option(None, help="Bank directory, or 'default' (not needed with --report-only)."),
+    results: Path = typer.Option(Path("bench-results"), help="Results dir: one record per score (a rerun resumes), "
+                                 "scores.csv, coefficients.json, run.json."),
+    report: Path = typer.Option(Path("docs/RESULTS.md"), help="Markdown report to write (two PNGs beside it)."),
+    preset: List[str] = typer.Option([], help="paper (the paper's 12 settings) | best (lorablend's) | quick; "
+                                     "repeatable. Default: paper and best (unless --settings is given)."),
+    quick: bool = typer.Option(False, "--quick", help="The quick preset: 2 settings, one entry per family, holdout "
+                               "entry, 15 examples (~12 min on the 61-entry default bank, 2 cores)."),
+    settings: List[str] = typer.Option([], "--settings", help="A setting such as tokens/js/normalized/svd/T1/top8, or "
+                                       "embeddings/js/normalized/svd/auto (T and top-k calibrated on the bank); repeatable."),
+    entries: List[str] = typer.Option([], help="Score only these bank entries (repeatable or comma-separated)."),
+    holdout: List[str] = typer.Option([], help="entry (leave one out) | family (leave its family out); repeatable. "
+                                      "Default: both (quick: entry)."),
+    n: Optional[int] = typer.Option(None, help="Test examples per entry, a fixed seeded sample (default 3; quick 15)."),
+    max_new_tokens: int = typer.Option(32, help="Cap on each task's answer budget."),
+    batch_size: int = typer.Option(16, help="Rows per generation batch (several adapters share a batch)."),
+    seed: int = typer.Option(0, help="Seed of the test samples, random-k picks, neural fits and sampled distances."),
+    jobs: int = typer.Option(1, help="Local worker processes (each loads the model once)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per job (default: cores / jobs)."),
+    executor: str = typer.Option("local", help="local | ray (entries as Ray tasks)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only rebuild scores.csv and the report from --results."),
+):
+    """The leave-one-out study: adapters for every bank entry from the others, scored next to controls (base model,
+    own adapter, uniform average, random-k, nearest); resumable; writes a CSV and a report with plots."""
+    import shlex
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .bench import DEFAULT_PRESETS, BenchConfig, RecordStore, Reporter, export, run_bench
+    from .report import write_report
+
+    if report_only:
+        store = RecordStore(results)
+        csv_path = export(store, results) if store.count() else results / "scores.csv"
+        if not csv_path.exists():
+            raise InputError(f"{results}: no records and no scores.csv; run `lorablend bench --bank BANK --results {results}` first")
+        out.print(f"report: {write_report(csv_path, report)} (from {csv_path})")
+        return
+    if not bank:
+        raise InputError("give --bank BANK (or --report-only to rebuild the report from --results)")
+    presets = tuple(preset) + (("quick",) if quick else ())
+    cfg = BenchConfig(
+        bank=bank, results=results, presets=presets or (() if settings else DEFAULT_PRESETS), settings=tuple(settings),
+        entries=tuple(e for arg in entries for e in arg.split(",") if e) or None, holdouts=tuple(holdout) or None,
+        n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, jobs=jobs, threads=threads,
+        executor=executor, ray_address=ray_address, command=shlex.join(["lorablend", *sys.argv[1:]]),
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("planning", total=None)
+
+        class _Bar(Reporter):
+            def start(self, total: int) -> None:
+                progress.update(bar, total=total, description="records")
+
+            def advance(self, k: int = 1) -> None:
+                progress.advance(bar, k)
+
+            def status(self, message: str) -> None:
+                progress.update(bar, description=message)
+
+        run = run_bench(cfg, _Bar())
+    page = write_report(run.csv, report)
+    out.print(_bench_table(run.csv))
+    out.print(f"{run.written} records computed ({run.total} in the study) in {run.seconds / 60:.1f} min; "
+              f"scores: {run.csv}; report: {page}")
+
+
+def _bench_table(csv_path: Path):
+    """Mean Rouge-L and the paired differences to the base model, first holdout of the study."""
+    from rich.table import Table
+
+    from .report import read_scores, summarize
+
+    rows = read_scores(csv_path)
+    holdout = next((h for h in ("entry", "family") if any(r["holdout"] == h for r in rows)), "entry")
+    table = Table(title=f"holdout {holdout}: mean over entries (full tables in the report)")
+    for col in ("setting or control", "Rouge-L", "Δ vs base [95% CI]", "W/T/L vs uniform"):
+        table.add_column(col, justify="left" if col.startswith("setting") else "right", overflow="fold")
+    for r in summarize(rows, holdout):
+        d, w = r.delta.get("base"), r.vs.get("uniform")
+        table.add_row(r.label if r.control == "" else f"[dim]{r.label}[/dim]", f"{r.mean:.3f}",
+                      f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–", f"{w[0]}/{w[1]}/{w[2]}" if w else "–")
+    return table
 
 
 def _top_table(coefs: dict[str, float], n: int, title: str):
@@ -289,6 +383,7 @@ def generate_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     verify: bool = typer.Option(False, "--verify", help="First check the full sha256 of every bank entry it reads."),
     show: int = typer.Option(10, help="Rows of the coefficient table."),
+    gguf: bool = typer.Option(False, "--gguf", help="Also write adapter.gguf (llama.cpp / Ollama LoRA) beside the PEFT files."),
 ):
     """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step)."""
     from .bank import Bank
@@ -307,6 +402,33 @@ def generate_cmd(
         out.print(f"excluded: {', '.join(result.provenance.excluded)}")
     steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.provenance.timings.items())
     out.print(f"adapter written to {result.out} (rank {result.provenance.rank}) in {result.seconds:.1f}s ({steps})")
+    if gguf:
+        from .gguf_export import GGUF_NAME, export_gguf
+
+        path = export_gguf(result.out, b.manifest.base_model, result.out / GGUF_NAME)
+        out.print(f"GGUF LoRA written to {path} (llama.cpp --lora, Ollama ADAPTER)")
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    adapter: Path = typer.Argument(..., help="PEFT LoRA adapter dir."),
+    base: Optional[str] = typer.Option(None, help="Base model dir or id (default: the adapter's base_model_name_or_path, else smollm2)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="GGUF file to write (default: ADAPTER/adapter.gguf)."),
+    dtype: str = typer.Option("f32", help="f32 | f16."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Convert a PEFT LoRA adapter to a GGUF LoRA for llama.cpp (--lora), llama-cpp-python and Ollama (ADAPTER)."""
+    from .adapter import read_spec
+    from .gguf_export import GGUF_NAME, export_gguf
+
+    target = out_file or adapter / GGUF_NAME
+    if target.exists() and not force:
+        raise InputError(f"{target}: already exists; choose another --out or pass --force to replace it")
+    if target.is_dir():
+        raise InputError(f"{target}: is a directory; --out names the .gguf file to write")
+    model = base or read_spec(adapter).base_model or "smollm2"
+    path = export_gguf(adapter, model, target, dtype)
+    out.print(f"GGUF LoRA written to {path} (base {model})")
 
 
 @bank_app.command("index")
@@ -366,8 +488,8 @@ def bank_fit_meta(
 
 def _fail(message: str, code: int) -> None:
     """One line on stderr, whatever the message holds (no rich markup or emoji codes, no line breaks), then exit."""
-    console.print(" ".join(str(message).split()), style="red", markup=False, emoji=False, highlight=False,
-                  soft_wrap=True)
+    text = " ".join(str(message).split()).encode("utf-8", "backslashreplace").decode("utf-8")  # e.g. undecodable file names
+    console.print(text, style="red", markup=False, emoji=False, highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

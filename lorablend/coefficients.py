@@ -31,15 +31,22 @@ def zscore(d: np.ndarray) -> np.ndarray:
     """Standardise the finite part of a distance row; +inf (excluded) stays +inf."""
     d = np.asarray(d, dtype=np.float64)
     finite = np.isfinite(d)
-    mu, sd = d[finite].mean(), d[finite].std()
-    return np.where(finite, (d - mu) / (sd if sd > 0 else 1.0), np.inf)
+    x = d[finite]
+    scale = np.abs(x).max() if x.size else 0.0
+    if scale > 0:  # z-scores are scale-free; dividing first keeps the mean of huge distances finite
+        x = x / scale
+    mu, sd = x.mean(), x.std()
+    z = np.full_like(d, np.inf)
+    z[finite] = (x - mu) / (sd if sd > 0 else 1.0)
+    return z
 
 
 def keep_top_k(d: np.ndarray, k: int | None) -> np.ndarray:
     """+inf beyond the k smallest distances (ties broken by position, so it is deterministic)."""
     if k is None:
         return d
-    order = np.argsort(d, kind="stable")
+    finite = np.flatnonzero(np.isfinite(d))  # excluded (non-finite) entries are never among the k kept
+    order = finite[np.argsort(d[finite], kind="stable")]
     out = np.full_like(d, np.inf)
     out[order[:k]] = d[order[:k]]
     return out
@@ -163,25 +170,47 @@ class NeuralOperator:
 
     # -- on disk: safetensors weights + json config ------------------------------
     def save(self, path: Path) -> None:
+        """Weights, then the config with the weights' sha256: a crash between the two atomic writes
+        leaves a pair that `load` recognises as mismatched, never a silently wrong operator."""
+        import hashlib
+
         from safetensors.torch import save
 
         from .atomic import atomic_file, write_json
 
+        blob = save({k: v.contiguous() for k, v in self.net.state_dict().items()})
         with atomic_file(path.with_suffix(".safetensors")) as fh:
-            fh.write(save({k: v.contiguous() for k, v in self.net.state_dict().items()}))
-        write_json(path.with_suffix(".json"), {**asdict(self.config), "history": self.history})
+            fh.write(blob)
+        write_json(path.with_suffix(".json"), {**asdict(self.config), "history": self.history,
+                                                "weights_sha256": hashlib.sha256(blob).hexdigest()})
 
     @classmethod
     def load(cls, path: Path) -> "NeuralOperator":
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        cfg_path = path.with_suffix(".json")
+        from .atomic import sha256_file
+
+        cfg_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
         if not cfg_path.exists():
             raise InputError(f"{cfg_path}: no fitted neural operator; run `lorablend bank fit-meta` first")
-        raw = json.loads(cfg_path.read_text())
-        history = raw.pop("history", [])
-        op = cls(NeuralConfig(**raw))
+        refit = "run `lorablend bank fit-meta` again"
+        try:
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+            history = raw.pop("history", [])
+            digest = raw.pop("weights_sha256", None)
+            config = NeuralConfig(**raw)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise InputError(f"{cfg_path}: unreadable neural operator config ({exc}); {refit}") from None
+        if not weights.exists():
+            raise InputError(f"{weights}: the neural operator's weights are missing; {refit}")
+        if digest is not None and sha256_file(weights) != digest:
+            raise InputError(f"{weights}: does not match {cfg_path.name} (an interrupted fit?); {refit}")
+        op = cls(config)
         op.net = op._build()
-        op.net.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
+        try:
+            op.net.load_state_dict(load(weights.read_bytes()))
+        except Exception as exc:  # safetensors / torch errors for a corrupt or mismatched file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"{weights}: unreadable neural operator weights ({first}); {refit}") from None
         op.history = history
         return op

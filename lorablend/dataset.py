@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,22 @@ INPUT_KEYS = ("input", "inputs", "prompt", "question")
 OUTPUT_KEYS = ("output", "outputs", "target", "targets", "answer", "completion")
 INSTRUCTION_KEYS = ("instruction", "task_prefix", "definition")
 MAX_FIELD_CHARS = 1_000_000
+# csv's own field limit (128 KiB) would refuse fields lorablend accepts: raise it past ours,
+# so a long field meets the same clear limit in every format.
+csv.field_size_limit(max(csv.field_size_limit(), 4 * MAX_FIELD_CHARS + 1))
+
+
+def _short(value, limit: int = 60) -> str:
+    """A user-supplied value, clipped and with control characters escaped, for a one-line error message."""
+    text = str(value)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _names(keys, limit: int = 8) -> str:
+    keys = [_short(k, 40) for k in keys]
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -65,14 +82,14 @@ class Dataset:
 
 def _read_bytes(path: Path) -> bytes:
     if not path.exists():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give a dataset file (.jsonl, .json, .csv, .parquet, task.json)")
     raw = path.read_bytes()
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{path}: not a valid gzip file ({exc}); re-compress it or give the plain file") from None
     return raw
 
@@ -90,11 +107,18 @@ def _text(value, where: str, key: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise InputError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+        raise InputError(f"{where}: '{key}' must be a string, got {type(value).__name__}; give text (outputs: a string "
+                         "or a list of strings)")
     if len(value) > MAX_FIELD_CHARS:
         raise InputError(
             f"{where}: '{key}' has {len(value):,} characters, above the {MAX_FIELD_CHARS:,} limit; shorten or split it"
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. a JSON "\ud800" escape
+        raise InputError(
+            f"{where}: '{key}' is not valid Unicode (unpaired surrogate at character {exc.start}); fix the escape"
+        ) from None
     return value
 
 
@@ -112,13 +136,13 @@ def _example(record, where: str, instruction: str = "") -> tuple[Example, str | 
     in_key, inp = _pick(record, INPUT_KEYS)
     if in_key is None:
         raise InputError(
-            f"{where}: record has no 'input' field (fields: {', '.join(map(str, record)) or 'none'}); "
+            f"{where}: record has no 'input' field (fields: {_names(record) or 'none'}); "
             "each record needs 'input' and 'output' (or 'target')"
         )
     out_key, out = _pick(record, OUTPUT_KEYS)
     if out_key is None:
         raise InputError(
-            f"{where}: record has no 'output' or 'target' field (fields: {', '.join(map(str, record))}); "
+            f"{where}: record has no 'output' or 'target' field (fields: {_names(record)}); "
             "add the reference answer"
         )
     outputs = out if isinstance(out, list) else [out]
@@ -128,7 +152,7 @@ def _example(record, where: str, instruction: str = "") -> tuple[Example, str | 
     _, instr = _pick(record, INSTRUCTION_KEYS)
     split = record.get("split")
     if split is not None and str(split).lower() not in _SPLIT_ALIASES:
-        raise InputError(f"{where}: unknown split '{split}'; use one of train, valid, test")
+        raise InputError(f"{where}: unknown split '{_short(split)}'; use one of train, valid, test")
     return (
         Example(_text(inp, where, in_key), outputs, _text(instr, where, "instruction") if instr else instruction),
         _SPLIT_ALIASES[str(split).lower()] if split is not None else None,
@@ -140,9 +164,13 @@ def _records_jsonl(path: Path, text: str):
         if not line.strip():
             continue
         try:
-            yield f"{path}:{lineno}", json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                             "each line must be one JSON object") from None
+        except RecursionError:
+            raise InputError(f"{path}:{lineno}: JSON nested too deeply; a record is a flat object") from None
+        yield f"{path}:{lineno}", record
 
 
 def _records_json(path: Path, text: str):
@@ -150,6 +178,8 @@ def _records_json(path: Path, text: str):
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply; give a list of flat records") from None
     prefix = ""
     if isinstance(data, dict):
         prefix = data.get("task_prefix", "") or ""
@@ -170,15 +200,21 @@ def _records_json(path: Path, text: str):
 
 
 def _records_csv(path: Path, text: str):
-    reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
-    if not any(k in header for k in INPUT_KEYS) or not any(k in header for k in OUTPUT_KEYS):
-        raise InputError(
-            f"{path}: CSV header must name an 'input' and an 'output' (or 'target') column; "
-            f"found: {', '.join(header[:8]) or 'no header'}"
-        )
-    for rowno, row in enumerate(reader, 2):
-        yield f"{path}:{rowno}", {k: v for k, v in row.items() if k is not None}
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        if not any(k in header for k in INPUT_KEYS) or not any(k in header for k in OUTPUT_KEYS):
+            raise InputError(
+                f"{path}: CSV header must name an 'input' and an 'output' (or 'target') column; "
+                f"found: {_names(header) or 'no header'}"
+            )
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    except csv.Error as exc:
+        if "field limit" in str(exc):
+            raise InputError(f"{path}:{reader.line_num + 1}: a field is above the {MAX_FIELD_CHARS:,}-character "
+                             "limit; shorten or split it") from None
+        raise InputError(f"{path}:{reader.line_num}: invalid CSV ({exc}); re-export it as plain CSV") from None
 
 
 def _records_parquet(path: Path):
@@ -187,11 +223,12 @@ def _records_parquet(path: Path):
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises many types for a bad file
-        raise InputError(f"{path}: cannot read as Parquet ({str(exc).splitlines()[0]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: cannot read as Parquet ({first}); re-export it") from None
     cols = table.column_names
     if not any(k in cols for k in INPUT_KEYS) or not any(k in cols for k in OUTPUT_KEYS):
         raise InputError(
-            f"{path}: Parquet file needs an 'input' and an 'output' (or 'target') column; found: {', '.join(cols[:8])}"
+            f"{path}: Parquet file needs an 'input' and an 'output' (or 'target') column; found: {_names(cols)}"
         )
     for i, row in enumerate(table.to_pylist()):
         yield f"{path}: row {i}", row

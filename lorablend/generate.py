@@ -7,8 +7,11 @@ so memory stays at a few modules whatever the bank's size.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from .coefficients import OPERATORS, NeuralOperator, coefficients, keep_top_k
 from .combine import METHODS, Factors, combine
 from .dataset import Dataset, load_dataset
 from .distances import METRICS, measure
-from .errors import InputError, suggest
+from .errors import InputError, LorablendError, suggest
 from .ce import CE_EXAMPLES, MixtureScorer
 from .sketch import SKETCHES, BankSketches, Sketcher, index_dir, load_sketches
 
@@ -53,7 +56,7 @@ class Setting:
                 raise suggest(value, choices, what)
         if not self.temperature > 0:
             raise InputError(f"--temperature must be > 0, got {self.temperature}")
-        for name in ("rank", "rerank", "ce_examples", "fit_budget"):
+        for name in ("top_k", "rank", "rerank", "ce_examples", "fit_budget"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -113,6 +116,15 @@ def query_sketch(bank: Bank, sketch: str, dataset: Dataset):
     return sketcher.sketch(sketch, dataset, manifest)
 
 
+def check_vocab(bank: Bank, sketch: str, sk: BankSketches, query) -> None:
+    """A token histogram must have the index's width: else the tokenizer changed since the bank was indexed."""
+    if sk.counts is not None and np.shape(query)[-1] != sk.counts.shape[1]:
+        raise InputError(
+            f"tokenizer {bank.manifest.tokenizer} has {np.shape(query)[-1]} tokens but the '{sketch}' index has "
+            f"{sk.counts.shape[1]}; re-index with `lorablend bank index {bank.root} --sketch {sketch}`"
+        )
+
+
 def distances_to_bank(sk: BankSketches, metric: str, query, seed: int = 0) -> np.ndarray:
     bank_side = sk.counts if sk.counts is not None else sk.clouds
     return measure(metric, query, bank_side, codebook=sk.codebook, seed=seed)
@@ -138,11 +150,15 @@ def meta_path(bank: Bank, sketch: str, metric: str) -> Path:
 
 
 def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[str],
-                    dataset: Dataset | None = None) -> np.ndarray:
-    """Distances → coefficients, with the model-based steps (ce, rerank, fit) when the setting asks."""
+                    dataset: Dataset | None = None, neural: NeuralOperator | None = None) -> np.ndarray:
+    """Distances → coefficients, with the model-based steps (ce, rerank, fit) when the setting asks.
+
+    `neural` replaces the operator stored in the index: `lorablend bench` fits one per held-out
+    entry, so that it is never scored on an entry it was trained on."""
     d = np.where(np.isin(bank.names, excluded), np.inf, np.asarray(d, dtype=np.float64))
     if not setting.uses_model:
-        neural = NeuralOperator.load(meta_path(bank, setting.sketch, setting.metric)) if setting.operator == "neural" else None
+        if setting.operator == "neural" and neural is None:
+            neural = NeuralOperator.load(meta_path(bank, setting.sketch, setting.metric))
         return coefficients(d, setting.operator, setting.temperature, setting.top_k, neural)
     if dataset is None:
         raise InputError(f"metric ce, --rerank and operator fit need the dataset's labelled examples")
@@ -207,9 +223,15 @@ def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], 
     first = readers[names[0]]
     for module in first.modules:
         factors = [readers[n].factors(module) for n in names]
-        shapes = {(f.A.shape[1], f.B.shape[0]) for f in factors}
-        if len(shapes) > 1:
-            raise InputError(f"module {module}: adapters have different shapes {sorted(shapes)}; they are not for one base model")
+        shapes = {n: (f.A.shape[1], f.B.shape[0]) for n, f in zip(names, factors)}
+        if len(set(shapes.values())) > 1:
+            common = Counter(shapes.values()).most_common(1)[0][0]
+            odd = next(n for n in names if shapes[n] != common)
+            ref = next(n for n in names if shapes[n] == common)
+            raise InputError(
+                f"entry {odd}: module {module} maps {shapes[odd][0]} -> {shapes[odd][1]} features but entry {ref} maps "
+                f"{common[0]} -> {common[1]}; the adapters are not for one base model: remove {odd} from the bank"
+            )
         try:
             yield module, combine(method, factors, [coefs[n] for n in names], rank)
         except ValueError as exc:
@@ -218,6 +240,31 @@ def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], 
 
 def bank_rank(readers: dict[str, AdapterReader]) -> int:
     return max(r.spec.r for r in readers.values())
+
+
+def combination(bank: Bank, coefs: dict[str, float], combine: str, rank: int | None = None, *,
+                readers: dict | None = None) -> dict[str, Factors]:
+    """Every module's combined factors; only entries with a nonzero coefficient are read."""
+    used = [n for n, w in coefs.items() if w > 0]
+    readers = open_readers(bank, used) if readers is None else {n: readers[n] for n in used}
+    return dict(combine_modules(readers, coefs, combine, rank or bank_rank(readers)))
+
+
+def write_combination(bank: Bank, coefs: dict[str, float], out: Path, combine: str, rank: int | None = None, *,
+                      readers: dict | None = None, provenance: Provenance | None = None, force: bool = False,
+                      dtype: str = "float32") -> int:
+    """Combine the bank with `coefs`, write the PEFT adapter to `out` and return its rank.
+
+    The step after the coefficients, used by `generate` (`lorablend bench` calls `combination`
+    directly, with readers that keep the factors in memory, and never writes its adapters).
+    `provenance`, when given, is written as lorablend.json with the output rank filled in.
+    """
+    modules = combination(bank, coefs, combine, rank, readers=readers)
+    out_rank = max(f.rank for f in modules.values())
+    if provenance is not None:
+        provenance.rank = out_rank
+    write_output(out, modules, bank.manifest.base_model, provenance, force=force, dtype=dtype)
+    return out_rank
 
 
 # --------------------------------------------------------------------------- #
@@ -243,29 +290,40 @@ def generate(
     force: bool = False,
     seed: int = 0,
     dtype: str = "float32",
+    verify: bool = False,
 ) -> Result:
-    """Build an adapter for `dataset` from `bank` and write it to `out` (atomically)."""
+    """Build an adapter for `dataset` from `bank` and write it to `out` (atomically).
+
+    `verify`: check the full sha256 (and tensors) of every bank entry read against the manifest first.
+    """
     t0 = time.perf_counter()
     setting.check()
     out = Path(out)
-    if out.exists() and not force:
-        raise InputError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    check_out(out, force, [bank.root] + ([Path(dataset.source)] if dataset.source else []))
     excluded = exclusions(bank, dataset, list(exclude), exclude_family)
+    if bank.names and set(bank.names) <= set(excluded):
+        shown = ", ".join(excluded[:6]) + ("…" if len(excluded) > 6 else "")
+        raise InputError(
+            f"{bank.root}: no bank entry is left to combine: all {len(bank.names)} are excluded (excluded: {shown}; "
+            "the entry trained on this very dataset, --exclude and --exclude-family leave entries out); "
+            "use a bank with more entries"
+        )
     timings = {}
     if setting.metric == "ce":
         d = np.zeros(len(bank.names))  # every candidate is scored by the model
     else:
         _, sk = load_sketches(bank, setting.sketch)
-        d = distances_to_bank(sk, setting.metric, query_sketch(bank, setting.sketch, dataset), seed)
+        query = query_sketch(bank, setting.sketch, dataset)
+        check_vocab(bank, setting.sketch, sk, query)
+        d = distances_to_bank(sk, setting.metric, query, seed)
     timings["distances_s"] = time.perf_counter() - t0
+    if verify and setting.uses_model:  # the model-based steps read every candidate adapter
+        verify_entries(bank, [n for n in bank.names if n not in excluded])
     c = coefficient_row(bank, setting, d, excluded, dataset)
     timings["coefficients_s"] = time.perf_counter() - t0 - timings["distances_s"]
     coefs = {n: float(w) for n, w in zip(bank.names, c)}
-    readers = open_readers(bank, [n for n, w in coefs.items() if w > 0])
-    rank = setting.rank or bank_rank(readers)
-    t1 = time.perf_counter()
-    modules = dict(combine_modules(readers, coefs, setting.combine, rank))
-    timings["combine_s"] = time.perf_counter() - t1
+    if verify and not setting.uses_model:
+        verify_entries(bank, [n for n, w in coefs.items() if w > 0])
     prov = Provenance(
         lorablend_version=__version__,
         dataset=Path(dataset.source).name if dataset.source else dataset.name,
@@ -278,7 +336,7 @@ def generate(
         temperature=setting.temperature,
         top_k=setting.top_k,
         combine=setting.combine,
-        rank=max(f.rank for f in modules.values()),
+        rank=0,  # filled in by write_combination
         excluded=excluded,
         coefficients=coefs,
         seed=seed,
@@ -287,18 +345,64 @@ def generate(
         fit_budget=setting.fit_budget if setting.operator == "fit" else None,
         timings=timings,
     )
-    write_output(out, modules, bank.manifest.base_model, prov, force=force, dtype=dtype)
+    t1 = time.perf_counter()
+    write_combination(bank, coefs, out, setting.combine, setting.rank, provenance=prov, force=force, dtype=dtype)
+    timings["combine_s"] = time.perf_counter() - t1
     seconds = time.perf_counter() - t0
     return Result(out=out, provenance=prov, seconds=seconds)
 
 
-def write_output(out: Path, modules: dict[str, Factors], base_model: str, prov: Provenance, *, force: bool, dtype: str) -> None:
-    """The PEFT files plus lorablend.json, all-or-nothing. Timings are left out of the file so reruns are byte-identical."""
+def verify_entries(bank: Bank, names: list[str]) -> None:
+    """`generate --verify`: the full check of `lorablend bank verify`, on the entries `generate` reads."""
+    from .verify import verify_bank
+
+    problems = verify_bank(Bank(bank.root, replace(bank.manifest, entries=[bank.entry(n) for n in names])),
+                           full_hash=True)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s): see `lorablend bank verify {bank.root}`)" if len(problems) > 1 else ""
+        raise InputError(f"{problems[0]}{more}")
+
+
+def check_out(out: Path, force: bool, keep: list[Path] = ()) -> None:
+    """Refuse an --out that cannot be written, before any work: it exists (without --force), it is a
+    file, replacing it would delete the bank or the dataset, or its parent is not a writable directory."""
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise InputError(f"{out}: already exists; choose another --out or pass --force to replace it")
+        if not out.is_dir():
+            raise InputError(f"{out}: exists and is not a directory; --force only replaces an adapter directory: "
+                             "choose another --out")
+        target = out.resolve()
+        for path in keep:
+            path = Path(path).resolve()
+            if path == target or target in path.parents:
+                raise InputError(f"{out}: --force would delete {path} (the bank or the dataset); choose another --out")
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{out}: cannot write there ({parent} is not a directory); choose a writable --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{out}: cannot write there ({parent} is not writable); choose a writable --out")
+
+
+def write_output(out: Path, modules: dict[str, Factors], base_model: str, prov: Provenance | None, *, force: bool,
+                 dtype: str) -> None:
+    """The PEFT files plus lorablend.json (when `prov` is given), all-or-nothing. Timings are left out
+    of the file so reruns are byte-identical."""
     try:
         with atomic_dir(out, force=force) as tmp:
             write_adapter(tmp, modules, base_model, dtype=dtype)
-            write_json(tmp / PROVENANCE, {k: v for k, v in asdict(prov).items() if k != "timings"})
-    except PermissionError as exc:
+            if prov is not None:
+                write_json(tmp / PROVENANCE, {k: v for k, v in asdict(prov).items() if k != "timings"})
+    except FileExistsError as exc:
+        if exc.filename is None:  # atomic_dir: the target appeared while we worked
+            raise InputError(f"{out}: already exists; choose another --out or pass --force to replace it") from None
+        raise InputError(f"{out}: cannot write there ({exc.strerror}: {exc.filename}); choose a writable --out") from None
+    except (PermissionError, NotADirectoryError, IsADirectoryError) as exc:
         raise InputError(f"{out}: cannot write there ({exc.strerror}); choose a writable --out") from None
-    except FileExistsError:
-        raise InputError(f"{out}: already exists; choose another --out or pass --force to replace it") from None
+    except OSError as exc:  # a full disk, a quota, an I/O error: atomic_dir has removed what it wrote
+        if exc.errno == errno.EROFS:
+            raise InputError(f"{out}: cannot write there ({exc.strerror}); choose a writable --out") from None
+        raise LorablendError(f"{out}: writing the adapter failed ({exc.strerror or exc}); nothing was written: "
+                             "free some space or choose another --out") from None

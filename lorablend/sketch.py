@@ -115,7 +115,15 @@ class Sketcher:
     def tokenizer(self):
         from .models import load_tokenizer
 
-        return load_tokenizer(self.tokenizer_id)
+        try:
+            return load_tokenizer(self.tokenizer_id)
+        except InputError as exc:
+            cause = exc.__cause__ or exc
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise InputError(
+                f"cannot load the bank's tokenizer '{self.tokenizer_id}' ({reason}); make it available offline "
+                "(a local dir or the Hugging Face cache) or fix 'tokenizer' in the bank's bank.json"
+            ) from None
 
     def sketch(self, kind: str, dataset: Dataset, manifest: IndexManifest | None) -> np.ndarray:
         """A token histogram (1-D) or an embedding cloud (2-D) of the dataset's train split."""
@@ -168,9 +176,15 @@ def load_sketches(bank: Bank, kind: str) -> tuple[IndexManifest, BankSketches]:
     manifest = read_manifest(bank)
     if manifest is None or kind not in manifest.sketches:
         raise InputError(f"{bank.root}: no '{kind}' sketches in the index; run `lorablend bank index {bank.root} --sketch {kind}`")
+    if kind == "tokens" and manifest.tokenizer and manifest.tokenizer != bank.manifest.tokenizer:
+        raise InputError(
+            f"{index_dir(bank) / 'index.json'}: the 'tokens' index was built with tokenizer '{manifest.tokenizer}' but "
+            f"the bank uses '{bank.manifest.tokenizer}'; re-index with `lorablend bank index {bank.root} --sketch tokens`"
+        )
     stale = [e.name for e in bank.entries if manifest.datasets.get(e.name) != e.files.get(e.dataset)]
     if stale:
-        raise InputError(f"{bank.root}: index is stale for {stale[0]} (and {len(stale) - 1} more); run `lorablend bank index {bank.root}`")
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise InputError(f"{bank.root}: index is stale for {stale[0]}{more}; run `lorablend bank index {bank.root}`")
     path = index_dir(bank) / f"{kind}.npz"
     try:
         sk = _read_npz(path, kind)
@@ -209,7 +223,7 @@ def build_index(bank: Bank, kinds: tuple[str, ...] = SKETCHES, encoder: str | No
             if e.name not in fresh and e.name in cached:
                 rows.append(cached[e.name])
             else:
-                rows.append(sketcher.sketch(kind, load_dataset(bank.dataset_path(e)), manifest))
+                rows.append(sketcher.sketch(kind, _entry_dataset(bank, e), manifest))
             if progress:
                 progress(kind, e.name)
         _write_kind(bank, kind, rows)
@@ -218,6 +232,17 @@ def build_index(bank: Bank, kinds: tuple[str, ...] = SKETCHES, encoder: str | No
     manifest.datasets = {e.name: e.files.get(e.dataset, "") for e in bank.entries}
     write_json(index_dir(bank) / "index.json", asdict(manifest))
     return manifest
+
+
+def _entry_dataset(bank: Bank, entry) -> Dataset:
+    """A bank entry's dataset; errors name the entry."""
+    path = bank.dataset_path(entry)
+    if not path.is_file():
+        raise InputError(f"entry {entry.name}: {path}: dataset file is missing; restore it, or rebuild / re-import the entry")
+    try:
+        return load_dataset(path, name=entry.name)
+    except InputError as exc:
+        raise InputError(f"entry {entry.name}: {exc}; or restore the file, or rebuild / re-import the entry") from None
 
 
 def _read_npz(path: Path, kind: str) -> BankSketches:

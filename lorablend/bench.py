@@ -1,0 +1,877 @@
+"""`lorablend bench`: the paper's leave-one-out study on a CPU, with honest controls.
+
+For every bank entry i, adapters are built from the other entries (holdout `entry`)
+or from the entries outside i's family (holdout `family`) and scored on a fixed,
+seeded sample of i's test split, next to controls on the same examples: the base
+model, i's own adapter, the uniform average of the others, k random others (for
+settings with a top-k) and the single nearest other by the setting's distance.
+
+What keeps ~4000 records within two hours on two cores:
+- Distance rows and Gram matrices are computed once per (sketch, metric) and per
+  space, then sliced; the neural operator and calibrated (T, k) are refitted per
+  (entry, holdout) from those, without the entry (and without its family).
+- Identical adapters are evaluated once per entry: a record points at an
+  evaluation key, the hash of (coefficients, combine, rank), and a one-hot vector
+  is the bank adapter itself. Coefficients below `PRUNE` are zeroed first.
+- Each worker loads the base model once, with a few LoRA slots; adapters are
+  combined in memory from cached bank factors, copied into the slots (never
+  written to disk) and decoded together in PEFT mixed-adapter batches.
+- Every record is one JSON file written atomically under RESULTS/records/ENTRY/,
+  so a killed run resumes where it stopped. RESULTS/config.json pins what the
+  records were computed with; a run with other options refuses to mix with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_json
+from .bank import Bank
+from .errors import InputError
+from .generate import Setting, coefficient_row, exclusions, open_readers
+
+HOLDOUTS = ("entry", "family")
+_PAPER_METRICS = ("wd", "kl", "js", "mmd")
+PRESETS = {
+    # the paper's 12: its sketch, metrics, operators and inexact combination, no temperature
+    "paper": tuple(f"tokens/{m}/{op}/paper/T1" for m in _PAPER_METRICS for op in ("attentional", "normalized", "neural")),
+    # lorablend's candidates: embedding clouds, exact truncated combination, (T, k) calibrated on the bank
+    "best": tuple(f"embeddings/{m}/normalized/svd/auto" for m in _PAPER_METRICS),
+    # the paper's best setting next to lorablend's, for a look in ~12 minutes
+    "quick": ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto"),
+}
+DEFAULT_PRESETS = ("paper", "best")
+DEFAULT_N = 3  # chosen so that both presets, both holdouts, 61 entries fit in ~2 h on 2 cores
+DEFAULT_MAX_NEW_TOKENS = 32
+QUICK_N = 15  # the quick preset: one entry per family (10 on the default bank), holdout entry
+PRUNE = 1e-6
+CONTROLS = ("base", "own", "uniform", "random-k", "nearest")
+
+
+# --------------------------------------------------------------------------- #
+# Settings
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A setting of the study: a `generate.Setting`, or one whose (T, top-k) are calibrated on the bank."""
+
+    setting: Setting
+    auto: bool = False
+
+    @property
+    def label(self) -> str:
+        s = self.setting
+        head = "/".join([s.sketch, s.metric, s.operator, s.combine, "auto"]) if self.auto else s.label
+        return head + (f"/r{s.rank}" if s.rank else "")
+
+    @property
+    def space(self) -> str:
+        """The Gram space matching the combination: the paper averages parameters, svd/cat the updates."""
+        return "params" if self.setting.combine == "paper" else "update"
+
+    @property
+    def has_top_k(self) -> bool:
+        return self.auto or self.setting.top_k is not None
+
+
+def parse_setting(text: str) -> Spec:
+    """`sketch/metric/operator/combine[/T<t>][/top<k>][/r<rank>]`, or `.../auto` to calibrate T and top-k."""
+    parts = [p for p in text.strip().split("/") if p]
+    if len(parts) < 4:
+        raise InputError(f"setting '{text}': expected sketch/metric/operator/combine[/T1][/top8][/r8] or .../auto, "
+                         "e.g. tokens/js/normalized/svd/T1/top8")
+    sketch, metric, operator, combine, *rest = parts
+    kw, auto = {}, False
+    for p in rest:
+        try:
+            if p == "auto":
+                auto = True
+            elif p.startswith("top"):
+                kw["top_k"] = int(p[3:])
+            elif p.startswith("T"):
+                kw["temperature"] = float(p[1:])
+            elif p.startswith("r") and p[1:].isdigit():
+                kw["rank"] = int(p[1:])
+            else:
+                raise ValueError(p)
+        except ValueError:
+            raise InputError(f"setting '{text}': cannot read '{p}' (use T<temperature>, top<k>, r<rank> or auto)") from None
+    if auto and ({"temperature", "top_k"} & set(kw) or operator not in ("attentional", "normalized")):
+        raise InputError(f"setting '{text}': auto calibrates T and top-k for the attentional or normalized operator; "
+                         "drop T/top or auto")
+    spec = Spec(Setting(sketch, metric, operator, combine, **kw), auto)
+    spec.setting.check()
+    if spec.setting.uses_model:
+        raise InputError(f"setting '{text}': the bench supports distributional settings only (not ce, fit or rerank)")
+    return spec
+
+
+def preset_specs(presets: list[str], settings: list[str]) -> list[Spec]:
+    """The settings of the named presets plus explicit ones, without duplicates, in order."""
+    texts: list[str] = []
+    for p in presets:
+        if p not in PRESETS:
+            from .errors import suggest
+
+            raise suggest(p, tuple(PRESETS), "preset")
+        texts += PRESETS[p]
+    specs = [parse_setting(t) for t in texts + list(settings)]
+    return list({s.label: s for s in specs}.values())
+
+
+def one_per_family(bank: Bank) -> list[str]:
+    """The first entry (by name) of every family: the quick preset's entries, fixed before any result."""
+    seen, out = set(), []
+    for e in sorted(bank.entries, key=lambda e: e.name):
+        key = e.family or e.name
+        if key not in seen:
+            seen.add(key)
+            out.append(e.name)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# What one entry needs: slots (records) and their coefficients
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One record to compute for an entry: a setting or a control under one holdout ('-': none applies)."""
+
+    holdout: str
+    label: str
+    control: str = ""  # "" for a setting, else one of CONTROLS
+    spec: Spec | None = None  # the setting, or the setting a random-k control is paired with
+    combine: str | None = None
+    rank: int | None = None
+    sketch_metric: tuple[str, str] | None = None  # nearest: whose distance
+
+
+def uniform_label(combine: str, rank: int | None) -> str:
+    return f"uniform/{combine}" + (f"/r{rank}" if rank else "")
+
+
+def slots_for(specs: list[Spec], holdouts: tuple[str, ...]) -> list[Slot]:
+    """Every record of one entry, known before any coefficient is computed (so resumption can count)."""
+    slots = [Slot("-", "base", "base"), Slot("-", "own", "own")]
+    combos = list(dict.fromkeys((s.setting.combine, s.setting.rank) for s in specs))
+    dists = list(dict.fromkeys((s.setting.sketch, s.setting.metric) for s in specs))
+    for h in holdouts:
+        slots += [Slot(h, s.label, "", s, s.setting.combine, s.setting.rank) for s in specs]
+        slots += [Slot(h, uniform_label(c, r), "uniform", None, c, r) for c, r in combos]
+        slots += [Slot(h, f"random-k/{s.label}", "random-k", s, s.setting.combine, s.setting.rank)
+                  for s in specs if s.has_top_k]
+        slots += [Slot(h, f"nearest/{sk}/{m}", "nearest", sketch_metric=(sk, m)) for sk, m in dists]
+    return slots
+
+
+@dataclass
+class Matrices:
+    """Distances between bank datasets per (sketch, metric) and Gram matrices per space, computed once."""
+
+    D: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    G: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def needed(specs: list[Spec]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (sketch, metric) pairs whose distances the settings and nearest controls use, and the Gram
+    spaces the neural fits and calibrations need."""
+    dists = list(dict.fromkeys((s.setting.sketch, s.setting.metric) for s in specs))
+    spaces = list(dict.fromkeys(s.space for s in specs if s.auto or s.setting.operator == "neural"))
+    return dists, spaces
+
+
+def compute_matrices(bank: Bank, specs: list[Spec], cache: Path, seed: int, status=None) -> Matrices:
+    """D and G for the settings, cached in RESULTS/matrices/ (config.json pins the bank they belong to)."""
+    from . import metafit
+
+    dists, spaces = needed(specs)
+    out = Matrices()
+    for sk, m in dists:
+        out.D[(sk, m)] = _cached_array(cache / f"D-{sk}-{m}.npy", lambda: metafit.distance_matrix(bank, sk, m, seed), status)
+    for sp in spaces:
+        out.G[sp] = _cached_array(cache / f"G-{sp}.npy", lambda: metafit.gram(bank, sp), status)
+    return out
+
+
+def _cached_array(path: Path, make, status=None) -> np.ndarray:
+    if not path.exists():
+        if status:
+            status(f"computing {path.stem}")
+        from .atomic import atomic_file
+
+        with atomic_file(path) as fh:
+            np.save(fh, make())
+    return np.load(path)
+
+
+def prune(c: np.ndarray, floor: float = PRUNE) -> np.ndarray:
+    """Zero the coefficients below `floor` and renormalise: a softmin that is one-hot up to 1e-9 *is*
+    the nearest adapter (and is then evaluated once), and negligible entries need not be read."""
+    c = np.where(np.asarray(c, dtype=np.float64) < floor, 0.0, c)
+    return c / c.sum()
+
+
+def one_hot(n: int, j: int) -> np.ndarray:
+    c = np.zeros(n)
+    c[j] = 1.0
+    return c
+
+
+def eval_key(c: np.ndarray | None, combine: str | None, rank: int | None, names: list[str]) -> str:
+    """What determines the answers: the base model, one bank adapter, or a hashed mixture."""
+    if c is None:
+        return "base"
+    nz = np.flatnonzero(c)
+    if len(nz) == 1:
+        return f"bank:{names[nz[0]]}"
+    payload = json.dumps([combine, rank, [[names[j], round(float(c[j]), 9)] for j in nz]])
+    return "mix:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class EntryPlan:
+    """Coefficients of every slot of one entry; fits (neural, calibration) are cached per holdout."""
+
+    def __init__(self, bank: Bank, name: str, dataset, matrices: Matrices, seed: int = 0,
+                 neural_hidden: int = 64, neural_epochs: int = 40):
+        self.bank, self.name, self.dataset, self.m, self.seed = bank, name, dataset, matrices, seed
+        self.i = bank.names.index(name)
+        self.neural_hidden, self.neural_epochs = neural_hidden, neural_epochs
+        self._fits: dict = {}
+
+    def excluded(self, holdout: str) -> list[str]:
+        return exclusions(self.bank, self.dataset, [self.name], holdout == "family")
+
+    def usable(self, holdout: str) -> list[int]:
+        out = set(self.excluded(holdout))
+        return [j for j, n in enumerate(self.bank.names) if n not in out]
+
+    def _cached(self, key, make):
+        if key not in self._fits:
+            self._fits[key] = make()
+        return self._fits[key]
+
+    def neural(self, holdout: str, spec: Spec):
+        """The paper's MLP fitted on the bank without this entry (and its family): (operator, names trained on)."""
+        from . import metafit
+        from .coefficients import NeuralConfig
+
+        s = spec.setting
+
+        def fit():
+            cfg = NeuralConfig(hidden=self.neural_hidden, epochs=self.neural_epochs, seed=self.seed,
+                               sketch=s.sketch, metric=s.metric, space=spec.space)
+            op, train, _ = metafit.fit_meta(self.bank, cfg, holdout=0.0, exclude=self.excluded(holdout),
+                                            D=self.m.D[(s.sketch, s.metric)], G=self.m.G[spec.space], save=False)
+            return op, [self.bank.names[j] for j in train]
+
+        return self._cached(("neural", holdout, s.sketch, s.metric, spec.space), fit)
+
+    def calibration(self, holdout: str, spec: Spec):
+        """(T, top-k) for an `auto` setting, chosen on the bank without this entry (and its family)."""
+        from .calibrate import calibrate
+
+        s = spec.setting
+        families = [e.family for e in self.bank.entries] if holdout == "family" else None
+        return self._cached(("cal", holdout, s.sketch, s.metric, s.operator, spec.space),
+                            lambda: calibrate(self.m.D[(s.sketch, s.metric)], self.m.G[spec.space],
+                                              self.usable(holdout), s.operator, families))
+
+    def concrete(self, holdout: str, spec: Spec) -> Setting:
+        """The setting as run for this entry: calibrated (T, k) for `auto`, k capped at the candidates left
+        (a family holdout can leave fewer than k)."""
+        s = spec.setting
+        if spec.auto:
+            cal = self.calibration(holdout, spec)
+            s = replace(s, temperature=cal.temperature, top_k=cal.top_k)
+        left = len(self.usable(holdout))
+        return replace(s, top_k=left) if s.top_k is not None and s.top_k > left else s
+
+    def coefficients(self, slot: Slot) -> tuple[np.ndarray | None, dict]:
+        """The slot's coefficient vector (None: base model) and what to record about how it was made."""
+        n, h = len(self.bank.names), slot.holdout
+        if slot.control == "base":
+            return None, {}
+        if slot.control == "own":
+            return one_hot(n, self.i), {}
+        usable = self.usable(h)
+        info = {"excluded": self.excluded(h)}
+        if slot.control == "uniform":
+            c = np.zeros(n)
+            c[usable] = 1.0 / len(usable)
+            return c, info
+        if slot.control == "nearest":
+            d = self.m.D[slot.sketch_metric]
+            return one_hot(n, min(usable, key=lambda j: (d[self.i, j], j))), info
+        setting = self.concrete(h, slot.spec)
+        info.update(temperature=setting.temperature, top_k=setting.top_k)
+        if slot.control == "random-k":
+            return self.random_k(usable, setting.top_k), info
+        neural = None
+        if setting.operator == "neural":
+            neural, info["neural_trained_on"] = self.neural(h, slot.spec)
+        d = self.m.D[(setting.sketch, setting.metric)][self.i]
+        return prune(coefficient_row(self.bank, setting, d, info["excluded"], neural=neural)), info
+
+    def random_k(self, usable: list[int], k: int | None) -> np.ndarray:
+        """k random usable entries, uniform weights, seeded by (seed, entry, k); all of them when k is None."""
+        pick = usable if k is None or k >= len(usable) else random.Random(f"{self.seed}:{self.name}:{k}").sample(usable, k)
+        c = np.zeros(len(self.bank.names))
+        c[pick] = 1.0 / len(pick)
+        return c
+
+
+# --------------------------------------------------------------------------- #
+# Records on disk
+# --------------------------------------------------------------------------- #
+
+
+class RecordStore:
+    """One JSON file per (entry, holdout, label), written atomically: a killed run loses at most the
+    record being computed. Readable while workers write (progress is a count of files)."""
+
+    def __init__(self, results: Path):
+        self.root = Path(results) / "records"
+
+    def path(self, entry: str, holdout: str, label: str) -> Path:
+        return self.root / entry / f"{holdout}__{label.replace('/', '~')}.json"
+
+    def write(self, rec: dict) -> None:
+        write_json(self.path(rec["entry"], rec["holdout"], rec["label"]), rec)
+
+    def load(self, entry: str) -> dict[tuple[str, str], dict]:
+        out = {}
+        for p in sorted((self.root / entry).glob("*.json")):
+            try:
+                rec = json.loads(p.read_text(encoding="utf-8"))
+            except ValueError:
+                continue  # not ours (atomic writes never leave half a record)
+            out[(rec["holdout"], rec["label"])] = rec
+        return out
+
+    def entries(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.exists() else []
+
+    def all(self) -> list[dict]:
+        return [rec for e in self.entries() for rec in self.load(e).values()]
+
+    def count(self) -> int:
+        return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
+
+
+# --------------------------------------------------------------------------- #
+# One entry, in whatever process runs it
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class EntryJob:
+    """Everything a worker needs for one entry (picklable, for process pools and Ray)."""
+
+    bank: str
+    entry: str
+    settings: list[str]
+    holdouts: tuple[str, ...]
+    results: str
+    matrices: Matrices
+    n: int = DEFAULT_N
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int = 0
+    batch_size: int = 16
+    neural_hidden: int = 64
+    neural_epochs: int = 40
+
+
+def test_sample(dataset, n: int, seed: int) -> list:
+    """A fixed, seeded sample of n test examples (in split order), the same for every setting and control."""
+    test = dataset.split("test")
+    idx = sorted(random.Random(f"{seed}:{dataset.name}").sample(range(len(test)), min(n, len(test))))
+    return [test[i] for i in idx]
+
+
+_WORKER: dict = {}  # per process: the slot model (base model loaded once) and cached bank factors
+
+
+class _CachedReader:
+    """An AdapterReader whose factors stay in memory: the bench combines the same bank thousands of times."""
+
+    def __init__(self, reader):
+        self.spec, self.modules, self._reader, self._factors = reader.spec, reader.modules, reader, {}
+
+    def factors(self, module: str):
+        if module not in self._factors:
+            self._factors[module] = self._reader.factors(module)
+        return self._factors[module]
+
+
+def _readers(bank: Bank) -> dict:
+    key = ("readers", str(bank.root), bank.sha256)
+    if key not in _WORKER:
+        _WORKER[key] = {n: _CachedReader(r) for n, r in open_readers(bank, bank.names).items()}
+    return _WORKER[key]
+
+
+class SlotModel:
+    """The base model with a few LoRA slots whose weights are overwritten for each evaluation.
+
+    Loading dozens of adapters per entry through PEFT's loader costs ~0.5 s each on SmolLM2 (every
+    load walks all modules, and more of them with each adapter loaded); copying factors into
+    existing slots costs milliseconds, and nothing is written to disk. Slots have lora_alpha = r
+    (scaling 1): a factor's own scale is folded into A, and ranks below the slot's are zero-padded,
+    which leaves B·A unchanged. Slots decode together in PEFT mixed-adapter batches.
+    """
+
+    def __init__(self, model_id: str, modules: list[str], slots: int, rank: int):
+        from peft import LoraConfig, get_peft_model
+
+        from .models import load_model
+
+        self.model_id, self.modules, self.rank = model_id, list(modules), rank
+        base = _WORKER.pop("base_model", None) if _WORKER.get("base_model_id") == model_id else None
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=self.modules, lora_dropout=0.0, bias="none")
+        self.names = [f"slot{k}" for k in range(slots)]
+        with warnings.catch_warnings():  # transformers' deprecation notices from inside PEFT
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = get_peft_model(base if base is not None else load_model(model_id), config,
+                                        adapter_name=self.names[0])
+            for name in self.names[1:]:
+                self.model.add_adapter(name, config)
+        self.model.eval()
+        self._layers = {m: self.model.base_model.model.get_submodule(m) for m in self.modules}
+
+    def fits(self, model_id: str, modules: list[str], slots: int, rank: int) -> bool:
+        return model_id == self.model_id and list(modules) == self.modules and slots <= len(self.names) and rank <= self.rank
+
+    def release(self) -> None:
+        """Give the base model back (without slots) for a SlotModel of another shape."""
+        _WORKER.update(base_model=self.model.unload(), base_model_id=self.model_id)
+
+    def fill(self, slot: int, modules: dict) -> None:
+        """Slot `slot` := these factors (module -> Factors), exactly: s·B·A = B_slot·A_slot."""
+        import torch
+
+        name = self.names[slot]
+        with torch.no_grad():
+            for m, layer in self._layers.items():
+                f = modules[m]
+                A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+                A.zero_()
+                B.zero_()
+                A[: f.rank] = torch.from_numpy(np.asarray(f.A * np.float32(f.scale), dtype=np.float32))
+                B[:, : f.rank] = torch.from_numpy(np.asarray(f.B, dtype=np.float32))
+
+
+def slot_model(model_id: str, modules: list[str], slots: int, rank: int) -> SlotModel:
+    """The worker's SlotModel, rebuilt (base model kept) only when more slots or a higher rank are needed."""
+    current = _WORKER.get("slots")
+    if current is None or not current.fits(model_id, modules, slots, rank):
+        if current is not None:
+            current.release()
+            rank, slots = max(rank, current.rank), max(slots, len(current.names))
+        _WORKER["slots"] = SlotModel(model_id, modules, slots, rank)
+    return _WORKER["slots"]
+
+
+def run_entry(job: EntryJob, on_record=None) -> int:
+    """Compute the missing records of one entry; returns how many were written."""
+    from .dataset import load_dataset
+
+    bank = Bank.open(job.bank)
+    store = RecordStore(Path(job.results))
+    done = store.load(job.entry)
+    specs = [parse_setting(s) for s in job.settings]
+    slots = [s for s in slots_for(specs, job.holdouts) if (s.holdout, s.label) not in done]
+    if not slots:
+        return 0
+    entry = bank.entry(job.entry)
+    dataset = load_dataset(bank.dataset_path(entry), name=entry.name)
+    plan = EntryPlan(bank, entry.name, dataset, job.matrices, job.seed, job.neural_hidden, job.neural_epochs)
+    items = []
+    for slot in slots:
+        c, info = plan.coefficients(slot)
+        items.append((slot, c, info, eval_key(c, slot.combine, slot.rank, bank.names)))
+    evaluator = EntryEvaluator(bank, entry, dataset, job, {r["eval_key"]: r for r in done.values()})
+    return evaluator.run(items, store, on_record)
+
+
+class EntryEvaluator:
+    """Builds an entry's distinct adapters, answers its test sample under all of them, writes records."""
+
+    def __init__(self, bank: Bank, entry, dataset, job: EntryJob, known: dict[str, dict]):
+        from .evaluate import max_new_tokens_for
+        from .models import load_tokenizer
+
+        self.bank, self.entry, self.job, self.known = bank, entry, job, dict(known)
+        self.examples = test_sample(dataset, job.n, job.seed)
+        self.tokenizer = load_tokenizer(bank.manifest.base_model)
+        refs = [e.target for e in (dataset.splits.get("train") or self.examples)]
+        self.budget = max_new_tokens_for(self.tokenizer, refs, cap=job.max_new_tokens)
+        self._charged = set(known)  # evaluations whose cost an earlier record already carries
+        self.per_chunk = max(1, job.batch_size // max(1, len(self.examples)))  # adapters decoded together
+
+    def run(self, items, store: RecordStore, on_record) -> int:
+        written = 0
+
+        def flush(ready: set[str]) -> None:
+            nonlocal written
+            for slot, c, info, key in items:
+                if key in ready and not store.path(self.entry.name, slot.holdout, slot.label).exists():
+                    store.write(self.record(slot, c, info, key))
+                    written += 1
+                    if on_record:
+                        on_record()
+
+        flush(set(self.known))
+        pending = list(dict.fromkeys(key for _, _, _, key in items if key not in self.known))
+        recipes = {key: (c, slot.combine, slot.rank) for slot, c, _, key in items}
+        for start in range(0, len(pending), self.per_chunk):
+            chunk = pending[start : start + self.per_chunk]
+            self.evaluate(chunk, recipes)
+            flush(set(chunk))
+        return written
+
+    def factors(self, key: str, recipe) -> dict:
+        """The adapter of an evaluation key, module by module (a one-hot key is the bank adapter itself)."""
+        from .generate import combination
+
+        c, combine, rank = recipe
+        coefs = {n: float(w) for n, w in zip(self.bank.names, c)}
+        return combination(self.bank, coefs, "cat" if key.startswith("bank:") else combine, rank,
+                           readers=_readers(self.bank))
+
+    def evaluate(self, keys: list[str], recipes: dict) -> None:
+        """One mixed-adapter pass over the test sample for these keys; scores go into `known`."""
+        from .evaluate import Scores, generate_answers
+
+        t0 = time.perf_counter()
+        adapters = {k: self.factors(k, recipes[k]) for k in keys if k != "base"}
+        readers = _readers(self.bank)
+        modules = next(iter(readers.values())).modules
+        rank = max([f.rank for a in adapters.values() for f in a.values()] or [1])
+        sm = slot_model(self.bank.manifest.base_model, modules, self.per_chunk, rank)
+        slot_of = {}
+        for j, (k, a) in enumerate(adapters.items()):
+            sm.fill(j, a)
+            slot_of[k] = sm.names[j]
+        build = (time.perf_counter() - t0) / max(1, len(adapters))
+        rows = [(k, e) for k in keys for e in self.examples]
+        t0 = time.perf_counter()
+        answers = generate_answers(sm.model, self.tokenizer, [e for _, e in rows], max_new_tokens=self.budget,
+                                   batch_size=self.job.batch_size, adapter_names=[slot_of.get(k, "__base__") for k, _ in rows])
+        share = (time.perf_counter() - t0) / len(keys)
+        for j, key in enumerate(keys):
+            mine = answers[j * len(self.examples) : (j + 1) * len(self.examples)]
+            self.known[key] = {**asdict(Scores.of(mine, self.examples)), "answers": mine,
+                               "seconds_generate": round(share, 3), "seconds_adapter": round(build if key != "base" else 0.0, 3)}
+
+    def record(self, slot: Slot, c, info: dict, key: str) -> dict:
+        """The record of one slot. An evaluation's cost is charged to the first record that uses it."""
+        ev = self.known[key]
+        fresh = key not in self._charged
+        self._charged.add(key)
+        cost = ({"seconds_generate": ev["seconds_generate"], "seconds_adapter": ev["seconds_adapter"], "reused": False}
+                if fresh else {"seconds_generate": 0.0, "seconds_adapter": 0.0, "reused": True})
+        s = slot.spec.setting if slot.spec else None
+        sketch, metric = slot.sketch_metric or ((s.sketch, s.metric) if s else ("", ""))
+        return {
+            "entry": self.entry.name, "family": self.entry.family, "holdout": slot.holdout, "label": slot.label,
+            "control": slot.control, "setting": slot.spec.label if slot.spec else "", "sketch": sketch,
+            "metric": metric, "combine": slot.combine or "", "rank": slot.rank,
+            "temperature": info.get("temperature"), "top_k": info.get("top_k"), "eval_key": key,
+            "max_new_tokens": self.budget, **{k: ev[k] for k in ("rouge_l", "rouge_lsum", "exact_match", "n", "answers")},
+            **cost,
+            "coefficients": {} if c is None else {n: float(w) for n, w in zip(self.bank.names, c) if w > 0},
+            "excluded": info.get("excluded", []), "neural_trained_on": info.get("neural_trained_on"),
+        }
+
+
+# --------------------------------------------------------------------------- #
+# The run: plan, execute (in process, process pool or Ray), export
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class BenchConfig:
+    """A bench run. None for entries / holdouts / n means the presets' defaults (see `resolve`)."""
+
+    bank: str
+    results: Path = Path("bench-results")
+    presets: tuple[str, ...] = DEFAULT_PRESETS
+    settings: tuple[str, ...] = ()
+    entries: tuple[str, ...] | None = None
+    holdouts: tuple[str, ...] | None = None
+    n: int | None = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int = 0
+    batch_size: int = 16
+    jobs: int = 1
+    threads: int | None = None  # torch threads per job (default: cores // jobs)
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None
+    neural_hidden: int = 64
+    neural_epochs: int = 40
+    command: str = ""
+
+
+class Reporter:
+    """What the CLI shows; the default shows nothing."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, k: int = 1) -> None: ...
+
+    def status(self, message: str) -> None: ...
+
+
+@dataclass
+class BenchRun:
+    results: Path
+    csv: Path
+    written: int
+    total: int
+    seconds: float
+
+
+def resolve(cfg: BenchConfig, bank: Bank) -> tuple[list[Spec], list[str], tuple[str, ...], int]:
+    """Settings, entries, holdouts and N: the quick preset defaults to one entry per family, holdout
+    entry and QUICK_N examples; otherwise every entry, both holdouts and DEFAULT_N."""
+    specs = preset_specs(list(cfg.presets), list(cfg.settings))
+    if not specs:
+        raise InputError("no settings to run: give --preset or --settings")
+    quick = "quick" in cfg.presets
+    entries = list(cfg.entries) if cfg.entries else (one_per_family(bank) if quick else bank.names)
+    unknown = [e for e in entries if e not in bank.names]
+    if unknown:
+        raise InputError(f"--entries: no bank entry named {unknown[0]}; see `lorablend bank info {bank.root}`")
+    holdouts = tuple(cfg.holdouts) if cfg.holdouts else (("entry",) if quick else HOLDOUTS)
+    bad = [h for h in holdouts if h not in HOLDOUTS]
+    if bad:
+        from .errors import suggest
+
+        raise suggest(bad[0], HOLDOUTS, "holdout")
+    n = cfg.n or (QUICK_N if quick else DEFAULT_N)
+    if cfg.executor not in ("local", "ray"):
+        raise InputError(f"unknown --executor '{cfg.executor}'; choose local or ray")
+    if n < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.jobs < 1:
+        raise InputError("--n, --max-new-tokens, --batch-size and --jobs must be >= 1")
+    if len(bank.entries) < 4:
+        raise InputError(f"{bank.root}: the bench needs a bank of at least 4 entries")
+    return specs, entries, holdouts, n
+
+
+def pin_config(results: Path, bank: Bank, cfg: BenchConfig, n: int) -> None:
+    """RESULTS/config.json: what the records depend on. A different run refuses to mix with them."""
+    from . import __version__
+
+    want = {"bank": str(bank.root.resolve()), "bank_manifest_sha256": bank.sha256, "n": n,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "neural_hidden": cfg.neural_hidden,
+            "neural_epochs": cfg.neural_epochs, "prune": PRUNE}
+    path = results / "config.json"
+    if path.exists():
+        have = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in want if have.get(k) != want[k]]
+        if diff:
+            raise InputError(f"{results}: holds records made with another {diff[0]} ({have.get(diff[0])!r}, now "
+                             f"{want[diff[0]]!r}); use another --results or remove that directory")
+        return
+    write_json(path, {**want, "lorablend_version": __version__})
+
+
+def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
+    """Compute every missing record, then export scores.csv and coefficients.json into the results dir."""
+    reporter = reporter or Reporter()
+    t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    bank = Bank.open(cfg.bank)
+    specs, entries, holdouts, n = resolve(cfg, bank)
+    results = Path(cfg.results)
+    pin_config(results, bank, cfg, n)
+    store = RecordStore(results)
+    slots = slots_for(specs, holdouts)
+    missing = {e: sum(not store.path(e, s.holdout, s.label).exists() for s in slots) for e in entries}
+    todo = [e for e in entries if missing[e]]
+    reporter.start(sum(missing.values()))
+    before, finished = store.count(), False
+    try:
+        if todo:
+            matrices = compute_matrices(bank, specs, results / "matrices", cfg.seed, reporter.status)
+            jobs = [EntryJob(str(bank.root), e, [s.label for s in specs], holdouts, str(results), matrices, n,
+                             cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.neural_hidden, cfg.neural_epochs)
+                    for e in todo]
+            reporter.status(f"records ({len(todo)} entries to run)")
+            execute(jobs, cfg, store, reporter.advance)
+        finished = True
+    finally:  # an interrupted run is logged too: its wall time counts in the report
+        seconds = time.perf_counter() - t0
+        log_run(results, cfg, n, started, seconds, store.count() - before, finished)
+    return BenchRun(results, export(store, results), store.count() - before, len(entries) * len(slots), seconds)
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def execute(jobs: list[EntryJob], cfg: BenchConfig, store: RecordStore, advance) -> None:
+    """Run the entries in this process, a local process pool (`--jobs`) or as Ray tasks."""
+    threads = cfg.threads or threads_per_job(cfg.jobs)
+    if cfg.executor == "ray":
+        _execute_ray(jobs, cfg, threads, store, advance)
+    elif cfg.jobs > 1:
+        _execute_pool(jobs, cfg.jobs, threads, store, advance)
+    else:
+        _init_worker(threads)
+        for job in jobs:
+            run_entry(job, on_record=lambda: advance(1))
+
+
+def _watch(wait_some, store: RecordStore, advance, interval: float = 1.0) -> None:
+    """Advance the progress bar by the records workers have written until `wait_some(interval)` says all are done."""
+    seen, finished = store.count(), False
+    while not finished:
+        finished = wait_some(interval)
+        now = store.count()
+        advance(now - seen)
+        seen = now
+
+
+def _execute_pool(jobs: list[EntryJob], workers: int, threads: int, store: RecordStore, advance) -> None:
+    """Entries over local processes (spawned: forking a process that has used torch threads can hang)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(run_entry, job) for job in jobs]
+
+        def wait_some(timeout: float) -> bool:
+            done, pending = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()  # re-raise a worker's error here
+            return not pending
+
+        try:
+            _watch(wait_some, store, advance)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _ray_entry(job: EntryJob, threads: int) -> int:
+    """A Ray task: one entry in a Ray worker (which keeps its model between tasks, like a pool worker)."""
+    _init_worker(threads)
+    return run_entry(job)
+
+
+def _execute_ray(jobs: list[EntryJob], cfg: BenchConfig, threads: int, store: RecordStore, advance) -> None:
+    """Entries as Ray tasks on `--ray-address` (default: a local instance, shut down afterwards).
+
+    Workers read the bank and write records by path: on a cluster, the bank and the results dir
+    must be on a filesystem every node sees at the same path.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--executor ray needs Ray: pip install 'lorablend[ray]'") from None
+    started = not ray.is_initialized()
+    if started and cfg.ray_address:
+        ray.init(address=cfg.ray_address, log_to_driver=False, logging_level="ERROR")
+    elif started:  # a local instance (its workers inherit this process's environment: cache, offline mode)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        task = ray.remote(num_cpus=threads)(_ray_entry)
+        pending = [task.remote(job, threads) for job in jobs]
+
+        def wait_some(timeout: float) -> bool:
+            nonlocal pending
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout)
+            ray.get(ready)  # re-raise a task's error here
+            return not pending
+
+        _watch(wait_some, store, advance)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- #
+# Export: scores.csv, coefficients.json, run.json
+# --------------------------------------------------------------------------- #
+
+CSV_COLUMNS = ("entry", "family", "holdout", "label", "setting", "control", "sketch", "metric", "combine", "rank",
+               "temperature", "top_k", "rouge_l", "rouge_lsum", "exact_match", "n", "max_new_tokens",
+               "seconds_generate", "seconds_adapter", "reused", "eval_key")
+
+
+def export(store: RecordStore, results: Path) -> Path:
+    """Every record as a row of scores.csv, and the coefficient vectors as coefficients.json
+    ({holdout: {label: {entry: {bank entry: weight}}}}), both written atomically."""
+    import csv
+    import io
+
+    from .atomic import atomic_file
+
+    records = sorted(store.all(), key=lambda r: (r["entry"], r["holdout"], r["label"]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS} for r in records)
+    path = results / "scores.csv"
+    with atomic_file(path, "w") as fh:
+        fh.write(buf.getvalue())
+    coefs: dict = {}
+    for r in records:
+        coefs.setdefault(r["holdout"], {}).setdefault(r["label"], {})[r["entry"]] = r["coefficients"]
+    write_json(results / "coefficients.json", coefs)
+    return path
+
+
+def machine() -> dict:
+    """nproc, RAM and CPU model, for the report."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        ram = float("nan")
+    import torch
+
+    return {"nproc": os.cpu_count(), "ram_gib": round(ram, 1), "cpu": cpu, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def log_run(results: Path, cfg: BenchConfig, n: int, started: str, seconds: float, written: int, finished: bool) -> None:
+    """Append this invocation to RESULTS/run.json (the report sums wall time over resumed runs)."""
+    path = results / "run.json"
+    runs = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.exists() else []
+    runs.append({"command": cfg.command or " ".join(sys.argv), "started_utc": started, "wall_seconds": round(seconds, 1),
+                 "records_written": written, "finished": finished, "n": n, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+                 "jobs": cfg.jobs, "threads": cfg.threads or threads_per_job(cfg.jobs), "executor": cfg.executor,
+                 "machine": machine()})
+    write_json(path, {"runs": runs})

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m lorablend.benchmarks.scale` (see docs/PERFORMANCE.md)."""

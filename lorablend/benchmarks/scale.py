@@ -1,0 +1,1321 @@
+"""Scale benchmark (issue 5): one adapter from an N-adapter Mistral-7B-shaped bank.
+
+    python -m lorablend.benchmarks.scale [--n 500] [--dtype f32|bf16] [--cache DIR]
+
+1. Creates once, in a cache dir, a synthetic lorablend bank at Mistral-7B-Instruct-v0.2
+   LoRA shapes (32 layers; q_proj 4096->4096, k_proj/v_proj 4096->1024; r=16, alpha=32;
+   files exactly as PEFT saves them), with synthetic token-histogram sketches.
+2. Runs every method in its own process (so peak RSS is per method), forked from a
+   fork server that has imported numpy/scipy/torch/peft/lorablend (imports are paid once
+   and never timed), each from the same page-cache state (cold: the bank's files are
+   evicted with posix_fadvise(DONTNEED) before each method, checked with `fincore`):
+   lorablend's streaming path (dense coefficients over all N, and top-k), PEFT's
+   `add_weighted_adapter` (svd, cat) on the top-k adapters, the paper's stacked
+   N x P matrix, the time to read the needed bytes (the floor), and the distance
+   step against 1000 cached sketches.
+3. Checks each result against an exact float64 reference on sampled modules and
+   prints a Markdown table; the last line is machine-readable (`RESULT ...`).
+
+Methods whose cost is dominated by per-module dense algebra (dense svd, PEFT svd)
+run on `--sample-layers` layers and are projected linearly to all layers (marked
+"projected" in the table); every other method runs on the whole bank.
+
+The `pr-*` methods run the *proposed* core path defined at the end of this file
+(`LeanReader`, `combine_modules_prefetch`, `combine_svd_gram`): what this
+benchmark suggests `lorablend.adapter` / `lorablend.generate` / `lorablend.combine`
+should use. They are measured side by side with the current path (`lb-*`).
+
+Top-level imports are stdlib only, so `--threads` can set the BLAS thread count
+before numpy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+VOCAB = 32000
+PREFIX = "base_model.model."
+PROJ = ("q", "k", "v")
+DTYPES = {"f32": ("float32", 4), "bf16": ("bfloat16", 2)}
+METRIC, OPERATOR = "js", "normalized"
+GB = 1e9
+
+METHODS = (
+    "floor-dense", "lb-dense-paper", "pr-dense-paper",
+    "lb-dense-svd", "pr-dense-svd",
+    "floor-topk", "lb-topk-svd", "pr-topk-svd", "lb-topk-paper",
+    "peft-svd", "peft-cat",
+    "stack-paper",
+    "distances",
+)
+SAMPLED = {"lb-dense-svd", "pr-dense-svd", "peft-svd"}  # run on --sample-layers, projected to all layers
+DESCRIPTION = {
+    "floor-dense": "read all N adapter files once (readinto, 64 MB buffer)",
+    "lb-dense-paper": "lorablend generate path, dense coefficients, combine paper",
+    "pr-dense-paper": "proposed path (lean mmap reader, in-place paper), dense, paper",
+    "lb-dense-svd": "lorablend generate path, dense coefficients, combine svd",
+    "pr-dense-svd": "proposed path (lean mmap reader, gram svd), dense, svd",
+    "floor-topk": "read the top-k adapter files once",
+    "lb-topk-svd": "lorablend generate path, top-k, combine svd",
+    "pr-topk-svd": "proposed path (lean mmap reader, gram svd), top-k, svd",
+    "lb-topk-paper": "lorablend generate path, top-k, combine paper",
+    "peft-svd": "PEFT add_weighted_adapter svd on the top-k (load + merge + save)",
+    "peft-cat": "PEFT add_weighted_adapter cat on the top-k (load + merge + save)",
+    "stack-paper": "the paper: stack N_s flattened adapters (N_s x P f32), c @ Theta",
+    "distances": "distance (js) from a new dataset to the cached sketches",
+}
+
+
+class BenchError(Exception):
+    """A usage problem: one line on stderr, exit 2."""
+
+
+# --------------------------------------------------------------------------- #
+# Shapes and the synthetic bank
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 32
+    hidden: int = 4096
+    kv: int = 1024
+    r: int = 16
+    alpha: float = 32.0
+
+    def modules(self) -> list[tuple[str, int, int]]:
+        """(module, out_features, in_features) in layer order, as PEFT names them."""
+        out = {"q": self.hidden, "k": self.kv, "v": self.kv}
+        return [(f"model.layers.{i}.self_attn.{p}_proj", out[p], self.hidden) for i in range(self.layers) for p in PROJ]
+
+    @property
+    def params(self) -> int:
+        return sum(self.r * (o + i) for _, o, i in self.modules())
+
+    def file_bytes(self, dtype: str) -> int:
+        """Approximate safetensors size: data plus a JSON header of ~150 bytes a tensor."""
+        return self.params * DTYPES[dtype][1] + 150 * 2 * len(self.modules()) + 8
+
+
+def _bank_spec(n: int, dtype: str, shape: Shape, seed: int, sketches: int) -> dict:
+    return {"format": "lorablend-scale-bench", "version": 1, "n": n, "dtype": dtype, "shape": asdict(shape),
+            "seed": seed, "vocab": VOCAB, "distance_sketches": sketches, "base_model": BASE_MODEL}
+
+
+def default_cache(n: int, dtype: str, shape: Shape) -> Path:
+    from lorablend.models import lorablend_home
+
+    suffix = "" if shape == Shape() else f"-l{shape.layers}h{shape.hidden}r{shape.r}"
+    return lorablend_home() / "bench" / f"scale-{dtype}-n{n}{suffix}"
+
+
+def _free_bytes(path: Path) -> int:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _fmt_bytes(b: float) -> str:
+    return f"{b / GB:.2f} GB" if b >= 0.1 * GB else f"{b / 1e6:.1f} MB"
+
+
+def _names(n: int) -> list[str]:
+    return [f"synthetic-{i:04d}" for i in range(n)]
+
+
+def _adapter_config(shape: Shape) -> bytes:
+    """adapter_config.json exactly as PEFT's save_pretrained writes it."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                     target_modules=[f"{p}_proj" for p in PROJ], base_model_name_or_path=BASE_MODEL).to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def adapter_bytes(shape: Shape, dtype: str, seed: int, i: int) -> bytes:
+    """One adapter's safetensors file: random factors drawn from (seed, i), keys as PEFT saves them."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 1, i])
+    tensors = {}
+    for m, out_f, in_f in shape.modules():
+        A = rng.standard_normal((shape.r, in_f), dtype=np.float32)
+        A *= np.float32(1 / math.sqrt(in_f))
+        B = rng.standard_normal((out_f, shape.r), dtype=np.float32)
+        B *= np.float32(0.02)
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = A
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = B
+    if dtype == "f32":
+        from safetensors.numpy import save
+
+        return save(tensors, metadata={"format": "pt"})
+    import torch
+    from safetensors.torch import save
+
+    return save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def histograms(rng, rows: int, vocab: int = VOCAB, families: int = 8, tokens: int = 20000):
+    """Synthetic token histograms: Zipf over a family-specific token order, per-row gamma noise, Poisson counts."""
+    import numpy as np
+
+    zipf = 1.0 / (np.arange(vocab) + 5.0) ** 1.1
+    orders = [rng.permutation(vocab) for _ in range(families)]
+    out = np.empty((rows, vocab), dtype=np.float64)
+    for j in range(rows):
+        p = zipf[orders[int(rng.integers(families))]] * rng.gamma(1.0, 1.0, vocab)
+        out[j] = rng.poisson(tokens * p / p.sum())
+        out[j, int(rng.integers(vocab))] += 1  # never an empty row
+    return out
+
+
+def check_bank(cache: Path, n: int, dtype: str, shape: Shape, seed: int, sketches: int, extra_bytes: int,
+               log=print) -> dict | None:
+    """None when the cached bank is complete and matches; else the spec to create it with
+    (after checking the free disk space it needs). Stdlib only: runs in the parent."""
+    spec = _bank_spec(n, dtype, shape, seed, sketches)
+    spec_path = cache / "scale.json"
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
+        if old != spec:
+            diff = ", ".join(f"{k}={old.get(k)!r}" for k in spec if old.get(k) != spec[k])
+            raise BenchError(f"{cache}: holds a scale bank made with other settings ({diff}); "
+                             "delete it or pass another --cache")
+        if (cache / "bank.json").exists():
+            log(f"bank: reusing {cache} ({n} adapters, {dtype})")
+            if _free_bytes(cache) < extra_bytes:
+                raise BenchError(f"{cache}: the methods' outputs need {_fmt_bytes(extra_bytes)} of free disk, "
+                                 f"only {_fmt_bytes(_free_bytes(cache))} free")
+            return None
+    per_file = shape.file_bytes(dtype)
+    done = sum(1 for name in _names(n) if (cache / "adapters" / name / "adapter_model.safetensors").exists())
+    need = (n - done) * per_file + (n + sketches) * 60_000 + extra_bytes
+    free = _free_bytes(cache)
+    log(f"bank: {n} adapters x {_fmt_bytes(per_file)} ({dtype}, {shape.params / 1e6:.2f}M params each) = "
+        f"{_fmt_bytes(n * per_file)} in {cache}; {done} already there; needs {_fmt_bytes(need)} "
+        f"(with the methods' outputs), {_fmt_bytes(free)} free")
+    if need > free:
+        raise BenchError(f"{cache}: the scale bench needs {_fmt_bytes(need)} of free disk but only {_fmt_bytes(free)} "
+                         "is free; use --dtype bf16, a smaller --n, or --cache on a larger disk")
+    return spec
+
+
+def create_bank_task(cache: str, spec: dict) -> None:
+    """Runs in a forked process (numpy, safetensors, peft already imported by the fork server)."""
+    shape = Shape(**spec["shape"])
+    _create_bank(Path(cache), spec["n"], spec["dtype"], shape, spec["seed"], spec["distance_sketches"], spec,
+                 lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _create_bank(cache: Path, n: int, dtype: str, shape: Shape, seed: int, sketches: int, spec: dict, log) -> None:
+    import hashlib
+
+    import numpy as np
+
+    from lorablend.atomic import atomic_dir, atomic_file, sha256_file, write_json
+    from lorablend.bank import Bank, BankEntry
+    from lorablend.dataset import Dataset, Example, save_dataset
+    from lorablend.sketch import IndexManifest, _save_npz, _write_kind, index_dir
+
+    cache.mkdir(parents=True, exist_ok=True)
+    write_json(cache / "scale.json", spec)
+    config = _adapter_config(shape)
+    bank = Bank.create(cache, BASE_MODEL)
+    bank.manifest.info = {"synthetic": "lorablend.benchmarks.scale", "spec": spec}
+    t0 = time.perf_counter()
+    entries = []
+    for i, name in enumerate(_names(n)):
+        adir = cache / "adapters" / name
+        weights = adir / "adapter_model.safetensors"
+        if not weights.exists():  # atomic_dir: a present dir is a complete one
+            data = adapter_bytes(shape, dtype, seed, i)
+            with atomic_dir(adir) as tmp:
+                (tmp / "adapter_model.safetensors").write_bytes(data)
+                (tmp / "adapter_config.json").write_bytes(config)
+            w_sha = hashlib.sha256(data).hexdigest()
+        else:
+            w_sha = sha256_file(weights)
+        ds_rel = f"datasets/{name}.jsonl.gz"
+        if not (cache / ds_rel).exists():
+            ex = [Example(input=f"synthetic example {j} of {name}", outputs=(f"answer {j}",)) for j in range(3)]
+            save_dataset(Dataset(name=name, splits={"train": ex}, sha256=""), cache / ds_rel)
+        entries.append(BankEntry(name=name, adapter_dir=f"adapters/{name}", dataset=ds_rel, files={
+            f"adapters/{name}/adapter_model.safetensors": w_sha,
+            f"adapters/{name}/adapter_config.json": hashlib.sha256(config).hexdigest(),
+            ds_rel: sha256_file(cache / ds_rel),
+        }, info={"synthetic": True, "seed": [seed, 1, i]}))
+        if (i + 1) % 50 == 0 or i + 1 == n:
+            log(f"bank: {i + 1}/{n} adapters ({time.perf_counter() - t0:.0f} s)")
+    bank.manifest.entries = entries
+    rng = np.random.default_rng([seed, 2])
+    rows = histograms(rng, n)
+    _write_kind(bank, "tokens", list(rows))
+    manifest = IndexManifest(tokenizer=BASE_MODEL, vocab_size=VOCAB, encoder=BASE_MODEL,
+                             datasets={e.name: e.files[e.dataset] for e in entries}, sketches=["tokens"])
+    write_json(index_dir(bank) / "index.json", asdict(manifest))
+    # The distance benchmark: `sketches` cached histograms in the index's on-disk format.
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(histograms(np.random.default_rng([seed, 3]), sketches).astype(np.int32))
+    _save_npz(cache / "distance-sketches" / "tokens.npz", names=np.array([f"sketch-{j:04d}" for j in range(sketches)]),
+              data=counts.data, indices=counts.indices, indptr=counts.indptr, shape=np.array(counts.shape))
+    query = histograms(np.random.default_rng([seed, 4]), 1)[0]
+    with atomic_file(cache / "query.npy") as fh:
+        np.save(fh, query)
+    bank.save()  # last: its presence marks the bank complete
+    log(f"bank: written in {time.perf_counter() - t0:.0f} s")
+
+
+# --------------------------------------------------------------------------- #
+# Measuring inside a child process
+# --------------------------------------------------------------------------- #
+
+
+class MemorySampler:
+    """Peak RSS of this process: VmHWM (the kernel's high-water mark, exact) and RssAnon / RssFile
+    sampled every 10 ms. (Not ru_maxrss: on Linux it keeps the forked parent's RSS across exec.)"""
+
+    def __init__(self, period: float = 0.01):
+        self.period = period
+        self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> dict[str, int]:
+        out = {}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                    out[key] = int(line.split()[1]) * 1024
+        return out
+
+    def _run(self):
+        while not self._stop.is_set():
+            for k, v in self.read().items():
+                self.peak[k] = max(self.peak[k], v)
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self.start = self.read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        for k, v in self.read().items():
+            self.peak[k] = max(self.peak[k], v)
+
+    def report(self) -> dict:
+        mb = 1e6
+        return {"peak_rss_mb": max(self.peak["VmHWM"], self.peak["VmRSS"]) / mb, "peak_anon_mb": self.peak["RssAnon"] / mb,
+                "peak_file_mb": self.peak["RssFile"] / mb, "start_rss_mb": self.start.get("VmRSS", 0) / mb}
+
+
+def read_floor(paths: list[Path], chunk: int = 64 << 20) -> int:
+    """Read every byte of `paths` once into one reused buffer; returns the bytes read."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return total
+
+
+def _limit_modules(readers: dict, limit: int | None) -> int:
+    """Restrict every reader to its first `limit` modules (sorted order); returns the full module count."""
+    total = len(next(iter(readers.values())).modules)
+    if limit:
+        for r in readers.values():
+            r.modules = r.modules[:limit]
+    return total
+
+
+def child_lorablend(spec: dict, method: str) -> dict:
+    """The generate path minus the query sketch (needs a tokenizer): distances → coefficients → stream → write."""
+    import numpy as np
+
+    from lorablend import __version__
+    from lorablend.bank import Bank
+    from lorablend.generate import (Provenance, Setting, bank_rank, check_compatible, coefficient_row,
+                                    combine_modules, distances_to_bank, open_readers, write_output)
+    from lorablend.sketch import load_sketches
+
+    proposed = method.startswith("pr-")
+    top_k = spec["top_k"] if "-topk-" in method else None
+    setting = Setting(sketch="tokens", metric=METRIC, operator=OPERATOR, combine=method.rsplit("-", 1)[1], top_k=top_k)
+    limit = 3 * spec["sample_layers"] if method in SAMPLED and spec["sample_layers"] else None
+    cache, out = Path(spec["cache"]), Path(spec["work"]) / method
+    query = np.load(cache / "query.npy")
+    stages = {}
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        bank = Bank.open(cache)
+        _, sk = load_sketches(bank, "tokens")
+        d = distances_to_bank(sk, METRIC, query)
+        c = coefficient_row(bank, setting, d, [])
+        coefs = {n: float(w) for n, w in zip(bank.names, c)}
+        names = [n for n, w in coefs.items() if w > 0]
+        t1 = time.perf_counter()
+        stages["distances_s"] = t1 - t0
+        if proposed:
+            readers = {n: LeanReader(bank.adapter_path(bank.entry(n))) for n in names}
+            check_compatible(bank, readers)
+        else:
+            readers = open_readers(bank, names)
+        total_modules = _limit_modules(readers, limit)
+        rank = setting.rank or bank_rank(readers)
+        t2 = time.perf_counter()
+        stages["open_s"] = t2 - t1
+        stream = (combine_modules_prefetch(readers, coefs, setting.combine, rank, spec["io_workers"]) if proposed
+                  else combine_modules(readers, coefs, setting.combine, rank))
+        modules = dict(stream)
+        t3 = time.perf_counter()
+        stages["combine_s"] = t3 - t2
+        prov = Provenance(lorablend_version=__version__, dataset="synthetic-query", dataset_sha256="", bank=str(bank.root),
+                          bank_manifest_sha256=bank.sha256, sketch="tokens", metric=METRIC, operator=OPERATOR,
+                          temperature=1.0, top_k=top_k, combine=setting.combine, rank=rank, excluded=[],
+                          coefficients=coefs)
+        write_output(out, modules, bank.manifest.base_model, prov, force=True, dtype="float32")
+        t4 = time.perf_counter()
+        stages["write_s"] = t4 - t3
+    wall = t4 - t0
+    res = {"wall_s": wall, "stages": stages, "n_adapters": len(names), "modules_done": len(modules),
+           "modules_total": total_modules, "out": str(out), "coefs": {n: coefs[n] for n in names}, **mem.report()}
+    if len(modules) < total_modules:
+        per = stages["combine_s"] + stages["write_s"]
+        res["projected_s"] = wall - per + per * total_modules / len(modules)
+    return res
+
+
+def child_floor(spec: dict, method: str) -> dict:
+    from lorablend.bank import Bank
+
+    bank = Bank.open(spec["cache"])
+    names = list(spec["coefs"]["topk" if method == "floor-topk" else "dense"])
+    paths = [bank.adapter_path(bank.entry(n)) / "adapter_model.safetensors" for n in names]
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        nbytes = read_floor(paths)
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "bytes": nbytes, "gb_per_s": nbytes / wall / GB, "n_adapters": len(paths), **mem.report()}
+
+
+def child_distances(spec: dict, method: str) -> dict:
+    import numpy as np
+
+    from lorablend.distances import measure
+    from lorablend.sketch import _read_npz
+
+    cache = Path(spec["cache"])
+    query = np.load(cache / "query.npy")
+    stages = {}
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        sk = _read_npz(cache / "distance-sketches" / "tokens.npz", "tokens")
+        t1 = time.perf_counter()
+        d = measure(METRIC, query, sk.counts)
+        t2 = time.perf_counter()
+        stages = {"load_s": t1 - t0, f"{METRIC}_s": t2 - t1}
+        for metric in ("kl", "wd"):
+            t = time.perf_counter()
+            measure(metric, query, sk.counts)
+            stages[f"{metric}_s"] = time.perf_counter() - t
+    return {"wall_s": t2 - t0, "stages": stages, "n_adapters": int(sk.counts.shape[0]), "finite": bool(np.isfinite(d).all()),
+            **mem.report()}
+
+
+def _skeleton(shape: Shape):
+    """Mistral's attention projections only (model.layers.{i}.self_attn.{q,k,v}_proj), with
+    uninitialised base weights: allocated on meta, then `to_empty` (never touched, so not resident)."""
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(shape.hidden, shape.hidden, bias=False)
+            self.k_proj = nn.Linear(shape.hidden, shape.kv, bias=False)
+            self.v_proj = nn.Linear(shape.hidden, shape.kv, bias=False)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attention()
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(shape.layers))
+
+    class Skeleton(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+        def prepare_inputs_for_generation(self, *args, **kwargs):  # PeftModelForCausalLM looks it up
+            return kwargs
+
+    with torch.device("meta"):
+        model = Skeleton()
+    return model.to_empty(device="cpu")
+
+
+def child_peft(spec: dict, method: str) -> dict:
+    import torch
+    from peft import PeftModel
+
+    from lorablend.bank import Bank
+
+    torch.set_num_threads(spec["threads"])
+    combination = method.split("-", 1)[1]
+    shape = Shape(**spec["shape"])
+    bank = Bank.open(spec["cache"])
+    coefs = spec["coefs"]["topk"]
+    names = list(coefs)
+    keys = [f"a{i}" for i in range(len(names))]
+    limit = 3 * spec["sample_layers"] if method in SAMPLED and spec["sample_layers"] else None
+    all_modules = sorted(m for m, _, _ in shape.modules())
+    allowed = set(all_modules[:limit] if limit else all_modules)
+    out = Path(spec["work"]) / method
+    stages, merged = {}, {"s": 0.0, "n": 0}
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        model = PeftModel.from_pretrained(_skeleton(shape), str(bank.adapter_path(bank.entry(names[0]))),
+                                          adapter_name=keys[0])
+        for key, name in zip(keys[1:], names[1:]):
+            model.load_adapter(str(bank.adapter_path(bank.entry(name))), adapter_name=key)
+        t1 = time.perf_counter()
+        stages["load_s"] = t1 - t0
+        lora = model.base_model
+        module_name = {id(m): n[len("model."):] if n.startswith("model.model.") else n
+                       for n, m in lora.model.named_modules()}
+        original = lora._svd_generalized_task_arithmetic_weighted_adapter
+
+        def sampled_svd(combination_type, adapters, weights, new_rank, target, target_lora_A, target_lora_B, *a, **kw):
+            if module_name.get(id(target)) not in allowed:  # not sampled: leave zeros, skip the SVD
+                return target_lora_A.data, target_lora_B.data
+            t = time.perf_counter()
+            res = original(combination_type, adapters, weights, new_rank, target, target_lora_A, target_lora_B, *a, **kw)
+            merged["s"] += time.perf_counter() - t
+            merged["n"] += 1
+            return res
+
+        lora._svd_generalized_task_arithmetic_weighted_adapter = sampled_svd
+        kwargs = {"svd_rank": shape.r} if combination == "svd" else {}
+        model.add_weighted_adapter(keys, [coefs[n] for n in names], "combined", combination_type=combination, **kwargs)
+        t2 = time.perf_counter()
+        stages["merge_s"] = t2 - t1
+        model.save_pretrained(str(out), selected_adapters=["combined"])
+        t3 = time.perf_counter()
+        stages["save_s"] = t3 - t2
+    wall = t3 - t0
+    done = merged["n"] if combination == "svd" else len(all_modules)
+    res = {"wall_s": wall, "stages": stages, "n_adapters": len(names), "modules_done": done,
+           "modules_total": len(all_modules), "out": str(next(out.rglob("adapter_model.safetensors")).parent),
+           "coefs": coefs, **mem.report()}
+    if combination == "svd" and done < len(all_modules):
+        stages["svd_sampled_s"] = merged["s"]
+        res["projected_s"] = wall - merged["s"] + merged["s"] * len(all_modules) / done
+    return res
+
+
+def child_stack(spec: dict, method: str) -> dict:
+    """The paper's computation: Theta (N_s x P, float32) holds the flattened adapters, theta = c @ Theta."""
+    import numpy as np
+
+    from lorablend.adapter import write_adapter
+    from lorablend.bank import Bank
+    from lorablend.combine import Factors
+
+    shape = Shape(**spec["shape"])
+    bank = Bank.open(spec["cache"])
+    coefs = spec["coefs"]["stack"]
+    names = list(coefs)
+    c = np.array([coefs[n] for n in names], dtype=np.float32)
+    out = Path(spec["work"]) / method
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        layout = None
+        theta_all = None
+        for i, name in enumerate(names):
+            reader = LeanReader(bank.adapter_path(bank.entry(name)))
+            if layout is None:
+                layout = reader.layout()
+                P = sum(int(np.prod(shp)) for _, shp, _ in layout)
+                theta_all = np.empty((len(names), P), dtype=np.float32)
+            elif reader.layout() != layout:
+                raise RuntimeError(f"{name}: tensor layout differs from {names[0]}")
+            reader.read_flat(theta_all[i])
+        t1 = time.perf_counter()
+        theta = c @ theta_all
+        t2 = time.perf_counter()
+        tensors, pos = {}, 0
+        for key, shp, _ in layout:
+            size = int(np.prod(shp))
+            tensors[key] = theta[pos : pos + size].reshape(shp)
+            pos += size
+        scale = shape.alpha / shape.r
+        modules = {}
+        for m, _, _ in shape.modules():
+            A, B = tensors[f"{PREFIX}{m}.lora_A.weight"], tensors[f"{PREFIX}{m}.lora_B.weight"]
+            modules[m] = Factors(A=A, B=B, scale=scale)
+        out.mkdir(parents=True, exist_ok=True)
+        write_adapter(out, modules, BASE_MODEL)
+        t3 = time.perf_counter()
+    return {"wall_s": t3 - t0, "stages": {"stack_s": t1 - t0, "product_s": t2 - t1, "write_s": t3 - t2},
+            "n_adapters": len(names), "matrix_gb": theta_all.nbytes / GB, "out": str(out), "coefs": coefs,
+            **mem.report()}
+
+
+CHILDREN = {"floor": child_floor, "lb": child_lorablend, "pr": child_lorablend, "peft": child_peft,
+            "stack": child_stack, "distances": child_distances}
+
+
+# Imported once by the fork server, before any timing, for every method alike.
+PRELOAD = ["numpy", "scipy.linalg", "scipy.sparse", "torch", "peft", "safetensors.numpy", "safetensors.torch",
+           "lorablend.generate", "lorablend.distances", "lorablend.sketch", "lorablend.dataset"]
+
+
+def run_child(method: str, spec_path: str) -> None:
+    """Entry point of one method's process (forked from the fork server)."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*(remote file|config file|vocabulary).*")
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    res = CHILDREN[method.split("-", 1)[0]](spec, method)
+    res["method"] = method
+    Path(spec["work"], f"{method}.json").write_text(json.dumps(res, indent=1))
+
+
+# --------------------------------------------------------------------------- #
+# The parent: coefficients, cache state, children, agreement, report
+# --------------------------------------------------------------------------- #
+
+
+def evict(root: Path) -> str:
+    """Make the bank's files cold: drop their pages from the page cache (posix_fadvise DONTNEED,
+    so other processes' caches are left alone), then check with `fincore` when it is installed."""
+    files = [p for p in root.rglob("*") if p.is_file() and "run" not in p.relative_to(root).parts]
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if not shutil.which("fincore"):
+        return "cold (fadvise, unverified)"
+    sample = [str(p) for p in files if p.suffix == ".safetensors"][:20]
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *sample],
+                         capture_output=True, text=True)
+    resident = sum(int(x) for x in out.stdout.split() if x.isdigit())
+    return "cold" if out.returncode == 0 and resident == 0 else f"cold? ({resident} B still cached)"
+
+
+def coefficients_task(spec_path: str) -> None:
+    """Forked: add the coefficient sets to the spec file."""
+    from lorablend.bank import Bank
+
+    spec = json.loads(Path(spec_path).read_text())
+    spec["coefs"] = coefficient_sets(Bank.open(spec["cache"]), spec["top_k"], spec["stack_n"])
+    Path(spec_path).write_text(json.dumps(spec))
+
+
+def agreement_task(spec_path: str, results_path: str) -> None:
+    """Forked: add the errors against the float64 references to the results file."""
+    from lorablend.bank import Bank
+
+    spec = json.loads(Path(spec_path).read_text())
+    results = json.loads(Path(results_path).read_text())
+    shape = Shape(**spec["shape"])
+    agreement(results, Bank.open(spec["cache"]), shape, sample_modules(shape),
+              lambda msg: print(msg, file=sys.stderr, flush=True))
+    Path(results_path).write_text(json.dumps(results, indent=1))
+
+
+def fork_call(ctx, fn, *args) -> None:
+    proc = ctx.Process(target=fn, args=args, name=f"scale-{fn.__name__}")
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"{fn.__name__} failed (exit {proc.exitcode}); see the traceback above")
+
+
+def coefficient_sets(bank, top_k: int, stack_n: int) -> dict[str, dict[str, float]]:
+    """The coefficients every method uses, from the pipeline's own functions."""
+    import numpy as np
+
+    from lorablend.coefficients import coefficients
+    from lorablend.generate import Setting, coefficient_row, distances_to_bank
+    from lorablend.sketch import load_sketches
+
+    _, sk = load_sketches(bank, "tokens")
+    d = distances_to_bank(sk, METRIC, np.load(bank.root / "query.npy"))
+    out = {}
+    for key, k in (("dense", None), ("topk", top_k)):
+        c = coefficient_row(bank, Setting(sketch="tokens", metric=METRIC, operator=OPERATOR, top_k=k), d, [])
+        out[key] = {n: float(w) for n, w in zip(bank.names, c) if w > 0}
+    c = coefficients(d[:stack_n], OPERATOR)  # the paper's case over the N_s entries it can stack
+    out["stack"] = {n: float(w) for n, w in zip(bank.names[:stack_n], c)}
+    return out
+
+
+class Reference:
+    """Exact float64 references on sampled modules, computed from the bank's files."""
+
+    def __init__(self, bank, rank: int):
+        self.bank, self.rank = bank, rank
+        self._readers, self._cache = {}, {}
+
+    def _factors(self, name: str, module: str):
+        from lorablend.adapter import AdapterReader
+
+        if name not in self._readers:
+            self._readers[name] = AdapterReader(self.bank.adapter_path(self.bank.entry(name)))
+        return self._readers[name].factors(module)
+
+    def get(self, kind: str, coefs: dict[str, float], module: str):
+        import numpy as np
+
+        key = (kind, tuple(sorted(coefs.items())), module)
+        if key in self._cache:
+            return self._cache[key]
+        fs = [(self._factors(n, module), c) for n, c in coefs.items()]
+        if kind == "exact":
+            B = np.hstack([c * f.scale * f.B.astype(np.float64) for f, c in fs])
+            ref = B @ np.vstack([f.A.astype(np.float64) for f, _ in fs])
+        elif kind == "paper":
+            ref = sum(c * f.scale * f.B.astype(np.float64) for f, c in fs) @ sum(c * f.A.astype(np.float64) for f, c in fs)
+        else:  # svd: best rank-r approximation of the exact update, via the smaller Gram matrix
+            from scipy.linalg import eigh
+
+            M = self.get("exact", coefs, module)
+            left = M.shape[0] <= M.shape[1]
+            G = M @ M.T if left else M.T @ M
+            r = min(self.rank, len(G))
+            _, V = eigh(G, subset_by_index=[len(G) - r, len(G) - 1])
+            ref = V @ (V.T @ M) if left else (M @ V) @ V.T
+        self._cache[key] = ref
+        return ref
+
+
+def update_of(out_dir: str, module: str):
+    import numpy as np
+
+    from lorablend.adapter import AdapterReader
+
+    f = AdapterReader(out_dir).factors(module)
+    return f.scale * (f.B.astype(np.float64) @ f.A.astype(np.float64))
+
+
+def rel(x, ref) -> float:
+    import numpy as np
+
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+OWN_REFERENCE = {"paper": "paper", "svd": "svd", "cat": "exact"}
+
+
+def agreement(results: dict, bank, shape: Shape, sample: list[str], log) -> None:
+    """Fill `err` (vs the method's own exact definition) and `err_exact` (vs the exact full sum)."""
+    ref = Reference(bank, shape.r)
+    updates = {}
+    for method, res in results.items():
+        if "out" not in res:
+            continue
+        kind = OWN_REFERENCE[method.rsplit("-", 1)[1]]
+        errs, errs_exact = [], []
+        done = set(_output_modules(res["out"]))
+        for module in sample:
+            if module not in done or (method in SAMPLED and not _sampled(module, shape, res)):
+                continue
+            x = update_of(res["out"], module)
+            updates[(method, module)] = x
+            errs.append(rel(x, ref.get(kind, res["coefs"], module)))
+            errs_exact.append(rel(x, ref.get("exact", res["coefs"], module)))
+        res["err"], res["err_exact"], res["err_modules"] = max(errs), max(errs_exact), len(errs)
+        log(f"agreement: {method}: {res['err']:.2e} vs its own definition, {res['err_exact']:.2e} vs the exact sum "
+            f"({len(errs)} modules)")
+    pairs = [("lb-topk-svd", "peft-svd"), ("pr-topk-svd", "lb-topk-svd"), ("pr-dense-svd", "lb-dense-svd"),
+             ("pr-dense-paper", "lb-dense-paper")]
+    for a, b in pairs:
+        common = [m for (meth, m) in updates if meth == a and (b, m) in updates]
+        if common:
+            results[a].setdefault("vs", {})[b] = max(rel(updates[(a, m)], updates[(b, m)]) for m in common)
+
+
+def _output_modules(out_dir: str) -> list[str]:
+    from lorablend.adapter import AdapterReader
+
+    return AdapterReader(out_dir).modules
+
+
+def _sampled(module: str, shape: Shape, res: dict) -> bool:
+    return module in sorted(m for m, _, _ in shape.modules())[: res["modules_done"]]
+
+
+def sample_modules(shape: Shape) -> list[str]:
+    """Three modules: layer 0 q_proj, layer 1 k_proj, last layer v_proj (one of each shape)."""
+    last = shape.layers - 1
+    return [f"model.layers.0.self_attn.q_proj", f"model.layers.{min(1, last)}.self_attn.k_proj",
+            f"model.layers.{last}.self_attn.v_proj"]
+
+
+def method_files(method: str, cache: Path, coefs: dict) -> list[Path]:
+    if method == "distances":
+        return [cache / "distance-sketches" / "tokens.npz"]
+    key = "stack" if method.startswith("stack") else "topk" if ("topk" in method or method.startswith("peft")) else "dense"
+    return [cache / "adapters" / n / "adapter_model.safetensors" for n in coefs[key]]
+
+
+def run_methods(spec: dict, spec_path: Path, methods: list[str], cache_state: str, timeout: float, log) -> dict:
+    """Each method in its own process, forked from a fork server that imported PRELOAD (so peak RSS
+    is per method, imports are paid once and excluded from every timing)."""
+    from lorablend.benchmarks import scale as module  # importable by name, also when run as __main__
+
+    ctx = fork_server()  # already running: returns the same server
+    entry = module.run_child
+    results = {}
+    for i, method in enumerate(methods):
+        if cache_state == "cold":
+            state = evict(Path(spec["cache"]))
+        else:
+            read_floor(method_files(method, Path(spec["cache"]), spec["coefs"]))  # same warm state for all
+            state = "warm"
+        log(f"[{i + 1}/{len(methods)}] {method} ({state} page cache) ...")
+        t0 = time.perf_counter()
+        proc = ctx.Process(target=entry, args=(method, str(spec_path)), name=f"scale-{method}")
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            rc = "timeout"
+        else:
+            rc = proc.exitcode
+        process_s = time.perf_counter() - t0
+        path = Path(spec["work"]) / f"{method}.json"
+        if rc != 0 or not path.exists():
+            log(f"    {method}: FAILED ({rc})")
+            results[method] = {"method": method, "failed": str(rc), "cache": state}
+            continue
+        res = json.loads(path.read_text())
+        res["cache"], res["process_s"] = state, process_s
+        results[method] = res
+        shown = res.get("projected_s", res["wall_s"])
+        log(f"    {shown:.2f} s{' (projected)' if 'projected_s' in res else ''}, peak RSS {res['peak_rss_mb']:.0f} MB "
+            f"(anon {res['peak_anon_mb']:.0f} MB), process {process_s:.1f} s")
+    return results
+
+
+def fork_server():
+    """The multiprocessing context whose server process imports PRELOAD (started now, so its
+    imports overlap with the parent's own work)."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+    return ctx
+
+
+def _thread_env(threads: int) -> dict:
+    return {k: str(threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def machine() -> dict:
+    import platform
+
+    mem = 0
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) * 1024
+    return {"cores": os.cpu_count(), "ram_gb": round(mem / GB, 1), "cpu": platform.processor() or platform.machine(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def table(results: dict, shape: Shape, spec: dict) -> list[str]:
+    rows = ["| method | what | adapters | layers timed | wall s | peak RSS MB | peak anon MB | cache | "
+            "rel. err vs own definition | rel. err vs exact sum |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for method, res in results.items():
+        if "failed" in res:
+            rows.append(f"| {method} | {DESCRIPTION[method]} | | | failed ({res['failed']}) | | | {res['cache']} | | |")
+            continue
+        layers = shape.layers
+        if "modules_done" in res and res["modules_done"] < res["modules_total"]:
+            layers = res["modules_done"] // 3
+        wall = f"{res['wall_s']:.2f}"
+        if "projected_s" in res:
+            wall = f"{res['projected_s']:.1f} (projected; {res['wall_s']:.1f} measured)"
+        extra = ""
+        if method.startswith("floor"):
+            extra = f" ({res['bytes'] / GB:.2f} GB at {res['gb_per_s']:.2f} GB/s)"
+        if method == "stack-paper":
+            extra = f" (Theta {res['matrix_gb']:.2f} GB)"
+        if method == "distances":
+            extra = " (" + ", ".join(f"{k} {v:.2f}" for k, v in res["stages"].items()) + ")"
+        err = f"{res['err']:.1e}" if "err" in res else ""
+        err_exact = f"{res['err_exact']:.2e}" if "err_exact" in res else ""
+        rows.append(f"| {method} | {DESCRIPTION[method]}{extra} | {res['n_adapters']} | {layers} | {wall} | "
+                    f"{res['peak_rss_mb']:.0f} | {res['peak_anon_mb']:.0f} | {res['cache']} | {err} | {err_exact} |")
+    return rows
+
+
+def result_line(n: int, results: dict) -> str:
+    def t(m):
+        r = results.get(m, {})
+        return r.get("projected_s", r.get("wall_s")) if "failed" not in r else None
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    errs = [r["err"] for r in results.values() if "err" in r]
+    fields = {
+        "n": n,
+        "dense_s": t("lb-dense-paper"),
+        "dense_rss_mb": results.get("lb-dense-paper", {}).get("peak_rss_mb"),
+        "topk_s": t("lb-topk-svd"),
+        "peft_svd_ratio": ratio(t("peft-svd"), t("lb-topk-svd")),
+        "read_floor_ratio": ratio(t("lb-dense-paper"), t("floor-dense")),
+        "max_rel_err": max(errs) if errs else None,
+        "dense_svd_s": t("lb-dense-svd"),
+        "dist_s": t("distances"),
+        "stack_n": results.get("stack-paper", {}).get("n_adapters"),
+        "stack_s": t("stack-paper"),
+        "pr_dense_s": t("pr-dense-paper"),
+        "pr_dense_rss_mb": results.get("pr-dense-paper", {}).get("peak_rss_mb"),
+        "pr_dense_svd_s": t("pr-dense-svd"),
+        "pr_topk_s": t("pr-topk-svd"),
+        "pr_peft_svd_ratio": ratio(t("peft-svd"), t("pr-topk-svd")),
+        "pr_read_floor_ratio": ratio(t("pr-dense-paper"), t("floor-dense")),
+    }
+
+    def fmt(v):
+        if v is None:
+            return "NA"
+        if isinstance(v, int):
+            return str(v)
+        return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.2f}"
+
+    return "RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in fields.items())
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m lorablend.benchmarks.scale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=500, help="bank entries (default 500)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="adapter file dtype (bf16 halves the disk)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="bank dir (default $LORABLEND_HOME/bench/scale-<dtype>-n<N>), created once")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096, help="q_proj in/out features")
+    p.add_argument("--kv", type=int, default=None, help="k_proj/v_proj out features (default hidden/4)")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="BLAS/torch threads per method (default 1)")
+    p.add_argument("--io-workers", type=int, default=0,
+                   help="reader threads of the proposed (pr-*) path (0: read serially, the default)")
+    p.add_argument("--sample-layers", type=int, default=1,
+                   help="layers run by dense svd and PEFT svd, projected to all layers (0: all)")
+    p.add_argument("--stack-budget-gb", type=float, default=8.0, help="memory for the paper's stacked matrix")
+    p.add_argument("--distance-sketches", type=int, default=1000)
+    p.add_argument("--cache-state", choices=("cold", "warm"), default="cold")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per method")
+    p.add_argument("--keep", action="store_true", help="keep the methods' output adapters (in CACHE/run)")
+    return p.parse_args(argv)
+
+
+def run(args, log) -> tuple[dict, str]:
+    if args.io_workers < 0 or args.sample_layers < 0:
+        raise BenchError("--io-workers and --sample-layers must be >= 0")
+    for k in ("n", "layers", "hidden", "r", "top_k", "threads", "distance_sketches"):
+        if getattr(args, k) < 1:
+            raise BenchError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise BenchError(f"unknown method '{unknown[0]}'; choose from: {', '.join(METHODS)}")
+    shape = Shape(layers=args.layers, hidden=args.hidden, kv=args.kv or max(1, args.hidden // 4), r=args.r,
+                  alpha=args.alpha)
+    top_k = min(args.top_k, args.n)
+    from lorablend.benchmarks import scale as module  # forked functions are pickled by qualified name
+
+    ctx = fork_server()
+    cache = (args.cache or default_cache(args.n, args.dtype, shape)).expanduser().resolve()
+    out_bytes = shape.params * 4 * (4 + 2 * top_k)  # lb/pr/stack outputs (rank r) + PEFT's cat (rank k*r)
+    bank_spec = check_bank(cache, args.n, args.dtype, shape, args.seed, args.distance_sketches, out_bytes, log)
+    if bank_spec is not None:
+        fork_call(ctx, module.create_bank_task, str(cache), bank_spec)
+    budget = min(args.stack_budget_gb * GB, 0.6 * _available_memory())
+    stack_n = max(1, min(args.n, int(budget // (shape.params * 4))))
+    work = cache / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    spec = {"cache": str(cache), "work": str(work), "shape": asdict(shape), "top_k": top_k, "threads": args.threads,
+            "io_workers": args.io_workers, "sample_layers": min(args.sample_layers, shape.layers), "stack_n": stack_n}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    fork_call(ctx, module.coefficients_task, str(spec_path))
+    spec = json.loads(spec_path.read_text())
+    log(f"methods: {', '.join(methods)}; threads {args.threads}; stacked matrix: N_s={stack_n} "
+        f"({stack_n * shape.params * 4 / GB:.2f} GB of {budget / GB:.1f} GB budget)")
+    load_before = machine()["load_avg"]
+    results = run_methods(spec, spec_path, methods, args.cache_state, args.timeout, log)
+    results_path = work / "results.json"
+    results_path.write_text(json.dumps(results))
+    fork_call(ctx, module.agreement_task, str(spec_path), str(results_path))
+    results = json.loads(results_path.read_text())
+    info = {"machine": machine(), "load_avg_before": load_before, "disk_free_gb": round(_free_bytes(cache) / GB, 1),
+            "cache": str(cache), "shape": asdict(shape), "params": shape.params, "dtype": args.dtype,
+            "stack_n": stack_n, "threads": args.threads,
+            "bank_gb": round(sum(p.stat().st_size for p in (cache / "adapters").rglob("*.safetensors")) / GB, 2)}
+    results_path.write_text(json.dumps({"info": info, "results": results}, indent=1))
+    lines = [f"machine: {info['machine']['cores']} cores, {info['machine']['ram_gb']} GB RAM, load average "
+             f"{load_before} before / {info['machine']['load_avg']} after; bank {info['bank_gb']} GB ({args.dtype}, "
+             f"{shape.params / 1e6:.2f}M params per adapter); {args.threads} BLAS/torch thread(s) per method"]
+    lines += table(results, shape, spec)
+    for method, res in results.items():
+        for other, e in res.get("vs", {}).items():
+            lines.append(f"agreement {method} vs {other}: {e:.1e} relative")
+    lines.append(result_line(args.n, results))
+    if not args.keep:
+        for method in results:
+            shutil.rmtree(work / method, ignore_errors=True)
+    return results, "\n".join(lines)
+
+
+def _available_memory() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable"):
+                return int(line.split()[1]) * 1024
+    return 8 * GB
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.update(_thread_env(args.threads))  # before numpy is imported, inherited by the fork server
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT's save_pretrained would look the base model up online
+    try:
+        _, report = run(args, lambda msg: print(msg, file=sys.stderr, flush=True))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from lorablend.errors import InputError
+
+        if isinstance(exc, InputError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print(report, flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# Proposed for lorablend's core (measured as the pr-* methods)
+# --------------------------------------------------------------------------- #
+
+_ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+
+class LeanReader:
+    """Proposed `AdapterReader`: the same interface (`spec`, `modules`, `factors`) plus `release`.
+
+    Why: `safe_open(...).get_tensor` returns views into an mmap of the whole file that stay
+    mapped until the reader is dropped, so every page a combination has touched counts in
+    the process's RSS (as RssFile): streaming over a 500-adapter bank shows the whole bank
+    in RSS. This reader also maps the file (numpy views, no copy for float32) but drops a
+    module's pages from the process with madvise(MADV_DONTNEED) once the module is combined
+    (`release`): the pages stay in the page cache, RSS holds only the current module.
+    """
+
+    def __init__(self, adapter_dir):
+        import mmap
+
+        from lorablend.adapter import WEIGHTS, read_spec
+        from lorablend.errors import InputError
+
+        self.spec = read_spec(adapter_dir)
+        self.path = Path(adapter_dir) / WEIGHTS
+        try:
+            with open(self.path, "rb") as fh:
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{self.path}: adapter weights not readable ({exc})") from None
+        try:
+            (n,) = struct.unpack("<Q", self._mm[:8])
+            header = json.loads(self._mm[8 : 8 + n])
+            header.pop("__metadata__", None)
+        except (struct.error, ValueError) as exc:
+            raise InputError(f"{self.path}: unreadable safetensors header ({exc}); re-download or rebuild it") from None
+        self._base = 8 + n
+        self._tensors = header
+        self.modules = sorted(k[len(PREFIX) : -len(".lora_A.weight")] for k in header if k.endswith(".lora_A.weight"))
+        if not self.modules:
+            raise InputError(f"{self.path}: no LoRA tensors (*.lora_A.weight) found")
+        known = {f"{PREFIX}{m}.lora_{ab}.weight" for m in self.modules for ab in "AB"}
+        extra = [k for k in header if k not in known]
+        if extra:
+            raise InputError(f"{self.path}: unsupported tensor '{extra[0]}' (DoRA or another LoRA variant?); remove it")
+
+    def layout(self) -> list[tuple[str, tuple, str]]:
+        """(key, shape, dtype) in file order."""
+        items = sorted(self._tensors.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        return [(k, tuple(v["shape"]), v["dtype"]) for k, v in items]
+
+    def tensor(self, key: str):
+        """A float32 array: a read-only view into the map for F32, a converted copy otherwise."""
+        import numpy as np
+
+        from lorablend.errors import InputError
+
+        meta = self._tensors[key]
+        if meta["dtype"] not in _ST_DTYPES:
+            raise InputError(f"{self.path}: tensor {key} has dtype {meta['dtype']}; lorablend reads F32, F16, BF16")
+        np_dtype, size = _ST_DTYPES[meta["dtype"]]
+        start, end = meta["data_offsets"]
+        count = math.prod(meta["shape"])
+        if end - start != count * size or self._base + end > len(self._mm):
+            raise InputError(f"{self.path}: tensor {key} is truncated or has a wrong size; re-download or rebuild it")
+        raw = np.frombuffer(self._mm, dtype=np_dtype, count=count, offset=self._base + start)
+        if meta["dtype"] == "BF16":
+            out = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = raw.astype(np.float32, copy=False)
+        return out.reshape(meta["shape"])
+
+    def read_flat(self, row) -> None:
+        """All tensors, in file order, into one float32 vector (the paper's flattened adapter)."""
+        pos = 0
+        for key, shp, _ in self.layout():
+            size = math.prod(shp)
+            row[pos : pos + size] = self.tensor(key).ravel()
+            pos += size
+        self._drop(0, len(self._mm))
+
+    def factors(self, module: str):
+        import numpy as np
+
+        from lorablend.combine import Factors
+        from lorablend.errors import InputError
+
+        A = self.tensor(f"{PREFIX}{module}.lora_A.weight")
+        B = self.tensor(f"{PREFIX}{module}.lora_B.weight")
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise InputError(f"{self.path}: module {module} has inconsistent shapes A{A.shape} B{B.shape}")
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise InputError(f"{self.path}: module {module} holds NaN or Inf values; the adapter is corrupt")
+        return Factors(A=A, B=B, scale=self.spec.scale(module))
+
+    def release(self, module: str) -> None:
+        """Drop the module's pages from this process (they stay in the page cache)."""
+        spans = [self._tensors[f"{PREFIX}{module}.lora_{ab}.weight"]["data_offsets"] for ab in "AB"]
+        self._drop(self._base + min(s for s, _ in spans), self._base + max(e for _, e in spans))
+
+    def _drop(self, start: int, end: int) -> None:
+        import mmap
+
+        page = mmap.PAGESIZE
+        start -= start % page
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
+
+    def close(self) -> None:
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view; the map goes with it
+            pass
+
+
+def combine_modules_prefetch(readers: dict, coefs: dict[str, float], method: str, rank: int | None, workers: int = 0):
+    """Proposed `generate.combine_modules`: the same output; svd uses `combine_svd_gram`, paper
+    `combine_paper_inplace`. With `workers` > 0, module m+1 is read by that many threads while
+    module m is combined (0, the default: read serially, as the core does now)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorablend.combine import combine
+    from lorablend.errors import InputError
+
+    names = [n for n, c in coefs.items() if c > 0]
+    weights = [coefs[n] for n in names]
+    modules = readers[names[0]].modules
+
+    def combined(module, factors):
+        shapes = {(f.A.shape[1], f.B.shape[0]) for f in factors}
+        if len(shapes) > 1:
+            raise InputError(f"module {module}: adapters have different shapes {sorted(shapes)}; "
+                             "they are not for one base model")
+        try:
+            if method == "svd":
+                return combine_svd_gram(factors, weights, rank)
+            if method == "paper":
+                return combine_paper_inplace(factors, weights)
+            return combine(method, factors, weights, rank)
+        except ValueError as exc:
+            raise InputError(f"module {module}: {exc}") from None
+
+    def release(module):
+        for n in names:
+            if hasattr(readers[n], "release"):
+                readers[n].release(module)
+
+    if workers < 1:
+        for module in modules:
+            out = combined(module, [readers[n].factors(module) for n in names])
+            release(module)
+            yield module, out
+        return
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as ahead:
+        def load(module):
+            return list(pool.map(lambda n: readers[n].factors(module), names))
+
+        pending = ahead.submit(load, modules[0]) if modules else None
+        for i, module in enumerate(modules):
+            factors = pending.result()
+            pending = ahead.submit(load, modules[i + 1]) if i + 1 < len(modules) else None
+            out = combined(module, factors)
+            del factors
+            release(module)
+            yield module, out
+
+
+def combine_svd_gram(factors, coefs, rank: int):
+    """Proposed `combine.combine_svd`: the same best rank-`rank` approximation, same sign convention.
+
+    `combine_svd` orthogonalises the stacked factors with two Householder QRs (d x R and
+    k x R) and forms Q explicitly; at R = 16 x 16 = 256, d = k = 4096 that is ~0.2 s a
+    module (~14 s for Mistral's 96 modules). Here everything after the stacking is R x R:
+    with B^T B = V diag(lam) V^T, Q_b = B V diag(lam^-1/2) is an orthonormal basis of
+    B's columns and B = Q_b C_b (C_b = diag(lam^1/2) V^T); the update M = B A then has
+    Q_b^T M M^T Q_b = C_b (A A^T) C_b^T, whose top-`rank` eigenpairs (`scipy.linalg.eigh`
+    with `subset_by_index`) are M's top singular values squared and, mapped by Q_b, its
+    left singular vectors; the right factor is U^T C_b A / S. Cost: two R x R Gram
+    products and small R x R work instead of two d x R QRs. Directions with
+    lam < R eps lam_max (numerically zero: duplicate or all-zero adapters) are dropped,
+    which changes the update by less than ~1e-7 of its norm.
+
+    When R exceeds min(d, k) (dense coefficients over a large bank), the R x R Gram
+    matrices are larger than the update itself: the update M = B A is formed (d x k) and
+    its top-`rank` singular subspace taken from the smaller of M M^T / M^T M
+    (`scipy.linalg.eigh` with `subset_by_index`), not from a full SVD.
+    """
+    import numpy as np
+
+    from lorablend.combine import _out, _validate
+
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"svd rank must be an integer >= 1, got {rank!r}")
+    A, B = stack_inplace(factors, _validate(factors, coefs))  # (R, k), (d, R), float64
+    R, d, k = A.shape[0], B.shape[0], A.shape[1]
+    if R > min(d, k):
+        from scipy.linalg import eigh
+
+        M = B @ A
+        left_side = d <= k
+        G = M @ M.T if left_side else M.T @ M
+        r = min(int(rank), len(G))
+        lam, V = eigh(G, subset_by_index=[len(G) - r, len(G) - 1])
+        V, S = V[:, ::-1], np.sqrt(np.maximum(lam[::-1], 0.0))
+        if left_side:
+            left = V
+            right = np.divide(V.T @ M, S[:, None], out=np.zeros((r, k)), where=S[:, None] > 0)
+        else:
+            left = np.divide(M @ V, S[None, :], out=np.zeros((d, r)), where=S[None, :] > 0)
+            right = V.T
+    else:
+        from scipy.linalg import eigh
+
+        lam, V = np.linalg.eigh(B.T @ B)
+        keep = lam > max(lam[-1], 0.0) * R * np.finfo(np.float64).eps
+        lam, V = lam[keep], V[:, keep]
+        r = min(int(rank), R, d, k)  # the output rank combine_svd gives
+        if not len(lam):
+            return _out(np.zeros((r, k)), np.zeros((d, r)))
+        root = np.sqrt(lam)
+        Cb = root[:, None] * V.T  # B = Q_b Cb with Q_b = B V diag(1/root) orthonormal
+        K = Cb @ (A @ A.T) @ Cb.T  # Q_b^T M M^T Q_b: its eigenpairs are M's left singular pairs
+        m = min(r, len(K))  # beyond the numerical rank: zero singular values, padded below
+        s2, U = eigh(K, subset_by_index=[len(K) - m, len(K) - 1])
+        U, S = U[:, ::-1], np.sqrt(np.maximum(s2[::-1], 0.0))
+        left, right = np.zeros((d, r)), np.zeros((r, k))
+        left[:, :m] = B @ ((V / root[None, :]) @ U)
+        np.divide((U.T @ Cb) @ A, S[:, None], out=right[:m], where=S[:, None] > 0)
+        S = np.concatenate([S, np.zeros(r - m)])
+    sign = np.where(left[np.argmax(np.abs(left), axis=0), np.arange(left.shape[1])] < 0, -1.0, 1.0)
+    root = np.sqrt(S)
+    return _out((sign * root)[:, None] * right, left * (sign * root))
+
+
+def stack_inplace(factors, c):
+    """`combine._stack`, bit for bit, written into two preallocated float64 arrays
+    (no per-adapter float64 temporaries: at 16 x 4096 x 16 those cost as much as the algebra)."""
+    import numpy as np
+
+    used = [(f, ci * f.scale) for f, ci in zip(factors, c) if ci > 0]
+    R = sum(f.rank for f, _ in used)
+    A = np.empty((R, used[0][0].A.shape[1]))
+    B = np.empty((used[0][0].B.shape[0], R))
+    pos = 0
+    for f, w in used:
+        a, b = A[pos : pos + f.rank], B[:, pos : pos + f.rank]
+        a[...] = f.A
+        a *= np.sign(w) * np.sqrt(abs(w))
+        b[...] = f.B
+        b *= np.sqrt(abs(w))
+        pos += f.rank
+    return A, B
+
+
+def combine_paper_inplace(factors, coefs):
+    """`combine.combine_paper`, bit for bit, accumulated in place (same order of float64 operations)."""
+    import numpy as np
+
+    from lorablend.combine import _out, _validate
+
+    c = _validate(factors, coefs)
+    used = [(f, ci) for f, ci in zip(factors, c) if ci > 0]
+    if len({f.rank for f, _ in used}) > 1:
+        raise ValueError("paper combine needs equal ranks; use 'svd' or 'cat'")
+    A, B = np.zeros(used[0][0].A.shape), np.zeros(used[0][0].B.shape)
+    tA, tB = np.empty_like(A), np.empty_like(B)
+    for f, ci in used:
+        tA[...] = f.A
+        tA *= ci
+        A += tA
+        tB[...] = f.B
+        tB *= ci * f.scale
+        B += tB
+    return _out(A, B)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

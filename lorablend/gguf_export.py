@@ -1,0 +1,188 @@
+"""PEFT LoRA adapter -> GGUF LoRA adapter, for llama.cpp, llama-cpp-python and Ollama.
+
+The file has the layout llama.cpp's loader (`llama_adapter_lora_init`) expects and
+that its own `convert_lora_to_gguf.py` writes:
+
+* metadata `general.architecture` (the base model's, e.g. `llama`), `general.type =
+  adapter`, `adapter.type = lora`, `adapter.lora.alpha` (float32);
+* per adapted linear layer two tensors named after the base tensor, e.g.
+  `blk.0.attn_q.weight.lora_a` (PEFT's A, numpy shape (r, in), ggml ne = [in, r]) and
+  `blk.0.attn_q.weight.lora_b` (PEFT's B, numpy shape (out, r), ggml ne = [r, out]);
+* for Llama the GGUF base model stores q_proj / k_proj with their rows permuted
+  (llama.cpp's rotary layout; `convert_hf_to_gguf.py` applies it): the B factor of a
+  q / k LoRA gets the same row permutation, A is unchanged.
+
+llama.cpp scales each module by `alpha / rank` (rank = that module's B width), with one
+alpha for the file. Adapters whose modules need other scales (rank_pattern,
+alpha_pattern, rsLoRA) get the difference folded into B, so the file means exactly what
+PEFT computes (llama.cpp's converter ignores those fields).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .adapter import CONFIG, WEIGHTS, AdapterReader
+from .atomic import atomic_file
+from .errors import InputError
+
+GGUF_NAME = "adapter.gguf"
+DTYPES = ("f32", "f16")
+# Bump when the bytes written for the same adapter change (the eval cache keys on it).
+EXPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Arch:
+    gguf_arch: str  # the name of gguf.MODEL_ARCH member
+    permute_qk: bool  # llama.cpp's converter permutes q_proj / k_proj rows (rotary layout)
+
+
+# HF model_type -> how llama.cpp's convert_hf_to_gguf.py stores it (both go through its LlamaModel).
+ARCHS = {
+    "llama": _Arch("LLAMA", True),
+    "mistral": _Arch("LLAMA", True),
+}
+
+
+def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, on the output rows of a matrix (or of B)."""
+    out = rows.shape[0]
+    if out % (2 * n_head):
+        raise InputError(f"cannot permute {out} rows into {n_head} rotary heads; the base model config does not match the adapter")
+    return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def base_config(base: str) -> dict:
+    """The base model's config.json as a dict (local dir, hub id or the 'smollm2' alias)."""
+    from .models import resolve_model
+
+    resolved = resolve_model(base)
+    path = Path(resolved) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: invalid JSON ({exc}); pass --base with a valid model dir") from None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolved).to_dict()
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"cannot read the config of base model '{base}' ({first}); pass --base with a local model "
+                         "dir (with config.json) or 'smollm2'") from None
+
+
+def _arch_of(config: dict, base: str) -> _Arch:
+    model_type = config.get("model_type")
+    if model_type not in ARCHS:
+        raise InputError(f"base model '{base}' has architecture '{model_type}'; GGUF LoRA export supports "
+                         f"{', '.join(sorted(ARCHS))} models only")
+    for key in ("num_hidden_layers", "num_attention_heads"):
+        if not isinstance(config.get(key), int):
+            raise InputError(f"the config of base model '{base}' has no integer {key}; pass --base with its model dir")
+    return ARCHS[model_type]
+
+
+def gguf_tensor_name(module: str, tensor_map, arch: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `blk.3.attn_q.weight` (llama.cpp's name for the base weight)."""
+    name = tensor_map.get_name(module + ".weight", try_suffixes=(".weight",))
+    if name is None or not name.startswith("blk."):
+        raise InputError(f"adapter module '{module}' has no llama.cpp counterpart for a {arch} model; the GGUF export "
+                         "maps the linear layers of the transformer blocks only (q/k/v/o_proj, gate/up/down_proj)")
+    return name
+
+
+def export_gguf(adapter_dir: str | Path, base: str, out: str | Path, dtype: str = "f32") -> Path:
+    """Write `adapter_dir` (a PEFT LoRA) as a GGUF LoRA for `base` to `out`, atomically; return `out`."""
+    import gguf
+    from gguf.gguf_writer import WriterState
+
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    reader = AdapterReader(adapter_dir)
+    spec = reader.spec
+    config = base_config(base)
+    arch = _arch_of(config, base)
+    model_arch = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
+    arch_name = gguf.MODEL_ARCH_NAMES[model_arch]
+    n_layers = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_kv_head = int(config.get("num_key_value_heads") or n_head)
+    tensor_map = gguf.get_tensor_name_map(model_arch, n_layers)
+
+    alpha = float(spec.alpha)
+    np_dtype = np.float32 if dtype == "f32" else np.float16
+    tensors: list[tuple[str, np.ndarray]] = []
+    for module in reader.modules:  # sorted like the safetensors keys, as llama.cpp's converter orders them
+        name = gguf_tensor_name(module, tensor_map, arch_name)
+        f = reader.factors(module)
+        A, B = f.A, f.B
+        rank = A.shape[0]
+        # llama.cpp applies alpha / rank (or 1 when alpha is 0); fold any other PEFT scale into B.
+        applied = alpha / rank if alpha else 1.0
+        if f.scale != applied:
+            B = B * np.float32(f.scale / applied)
+        if arch.permute_qk and module.endswith(".q_proj"):
+            B = _permute(B, n_head)
+        elif arch.permute_qk and module.endswith(".k_proj"):
+            B = _permute(B, n_kv_head)
+        tensors.append((name + ".lora_a", np.ascontiguousarray(A, dtype=np_dtype)))
+        tensors.append((name + ".lora_b", np.ascontiguousarray(B, dtype=np_dtype)))
+
+    out = Path(out)
+    try:
+        with atomic_file(out) as fh:
+            writer = gguf.GGUFWriter(None, arch_name)
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_name(Path(adapter_dir).resolve().name)
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for name, arr in tensors:
+                writer.add_tensor(name, arr)
+            # GGUFWriter opens a path itself; hand it atomic_file's temporary sibling instead.
+            writer.fout, writer.state = [fh], WriterState.EMPTY
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.fout = None  # atomic_file flushes, syncs and closes fh
+    except (PermissionError, NotADirectoryError, IsADirectoryError) as exc:
+        raise InputError(f"{out}: cannot write there ({exc.strerror}); choose a writable --out") from None
+    return out
+
+
+def adapter_key(adapter_dir: str | Path, base: str, dtype: str = "f32") -> str:
+    """sha256 of the adapter's weights and config, the base model and the export format: names a cached GGUF."""
+    from .atomic import sha256_file
+
+    adapter_dir = Path(adapter_dir)
+    h = hashlib.sha256()
+    for name in (WEIGHTS, CONFIG):
+        path = adapter_dir / name
+        if not path.is_file():
+            raise InputError(f"{path}: not found; an adapter dir needs {CONFIG} and {WEIGHTS}")
+        h.update(sha256_file(path).encode())
+    from .models import resolve_model
+
+    h.update(json.dumps({"export": EXPORT_VERSION, "dtype": dtype, "base": resolve_model(base)}).encode())
+    return h.hexdigest()
+
+
+def cached_gguf(adapter_dir: str | Path, base: str, dtype: str = "f32") -> Path:
+    """The GGUF export of `adapter_dir`, made once and kept in the lorablend cache by content hash."""
+    from .models import lorablend_home
+
+    path = lorablend_home() / "gguf-adapters" / f"{adapter_key(adapter_dir, base, dtype)}.gguf"
+    if not path.is_file():
+        export_gguf(adapter_dir, base, path, dtype)
+    else:
+        os.utime(path)  # most recently used first, for whoever prunes the cache
+    return path

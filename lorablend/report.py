@@ -1,0 +1,311 @@
+"""The bench's report: pure functions over scores.csv, then RESULTS.md and two PNGs.
+
+Every comparison is paired by entry: a setting and a control are compared on the
+same entries and the same test examples. Numbers that need care:
+- gap recovered = (gen − base) / (own − base) per entry, averaged over the
+  entries whose own adapter beats the base model; entries with own ≤ base have no
+  gap to recover and are counted separately. The ratio of the mean differences
+  is shown beside it, because single ratios explode when own − base is small.
+- wins / ties / losses count entries; a tie is |difference| < `TIE` Rouge-L.
+- intervals are paired bootstrap percentiles over entries (seeded, `RESAMPLES`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+TIE = 0.01
+RESAMPLES = 2000
+LEVEL = 0.95
+
+
+# --------------------------------------------------------------------------- #
+# Statistics (pure)
+# --------------------------------------------------------------------------- #
+
+
+def gap_recovered(gen: float, base: float, own: float) -> float | None:
+    """(gen − base) / (own − base); None when own ≤ base (there is no gap to recover)."""
+    return (gen - base) / (own - base) if own > base else None
+
+
+def wins_ties_losses(a: Sequence[float], b: Sequence[float], tie: float = TIE) -> tuple[int, int, int]:
+    """Entries where a beats b by at least `tie`, is within `tie` of it, loses by at least `tie`."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return int((d >= tie).sum()), int((np.abs(d) < tie).sum()), int((d <= -tie).sum())
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0,
+                     level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean of a − b over entries and its percentile bootstrap interval (entries resampled with replacement)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(d.mean()), float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- #
+# Summaries
+# --------------------------------------------------------------------------- #
+
+
+def read_scores(path: str | Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k in ("rouge_l", "rouge_lsum", "exact_match", "seconds_generate", "seconds_adapter"):
+            r[k] = float(r[k])
+        r["n"] = int(r["n"])
+    return rows
+
+
+@dataclass
+class Row:
+    """One setting or control under one holdout, summarised over entries."""
+
+    holdout: str
+    label: str
+    control: str
+    mean: float
+    entries: int
+    exact_match: float = float("nan")
+    gap_mean: float | None = None  # mean over entries with own > base of the per-entry ratio
+    gap_of_means: float | None = None  # mean(gen − base) / mean(own − base) over those entries
+    vs: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # control kind -> (W, T, L, pairs)
+    delta: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # base / uniform -> (mean, lo, hi)
+
+
+def _by_label(rows: list[dict], holdout: str) -> dict[str, dict[str, dict]]:
+    """label -> entry -> row, with the holdout-free controls (base, own) joined to every holdout."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r["holdout"] in (holdout, "-"):
+            out.setdefault(r["label"], {})[r["entry"]] = r
+    return out
+
+
+def references(label: str, first: dict, labels: set[str]) -> dict[str, str]:
+    """The controls a row is compared with: base, own, its uniform, its random-k, its nearest."""
+    refs = {"base": "base", "own": "own"}
+    combine, rank = first.get("combine", ""), first.get("rank", "")
+    uniforms = sorted(l for l in labels if l.startswith("uniform/"))
+    want = f"uniform/{combine}" + (f"/r{rank}" if rank else "")
+    if want in labels or uniforms:
+        refs["uniform"] = want if want in labels else uniforms[0]
+    if first["control"] == "" and f"random-k/{label}" in labels:
+        refs["random-k"] = f"random-k/{label}"
+    nearest = f"nearest/{first.get('sketch', '')}/{first.get('metric', '')}"
+    if first["control"] in ("", "random-k") and nearest in labels:
+        refs["nearest"] = nearest
+    return {k: v for k, v in refs.items() if v != label}
+
+
+def summarize(rows: list[dict], holdout: str, seed: int = 0) -> list[Row]:
+    """Settings first (best mean first), then controls."""
+    table = _by_label(rows, holdout)
+    base, own = table.get("base", {}), table.get("own", {})
+    out = []
+    for label, per_entry in table.items():
+        first = next(iter(per_entry.values()))
+        entries = sorted(per_entry)
+        row = Row(holdout, label, first["control"], float(np.mean([per_entry[e]["rouge_l"] for e in entries])),
+                  len(entries), float(np.mean([per_entry[e]["exact_match"] for e in entries])))
+        gaps = [(per_entry[e]["rouge_l"] - base[e]["rouge_l"], own[e]["rouge_l"] - base[e]["rouge_l"])
+                for e in entries if e in base and e in own and own[e]["rouge_l"] > base[e]["rouge_l"]]
+        if gaps:
+            row.gap_mean = float(np.mean([g / d for g, d in gaps]))
+            row.gap_of_means = float(np.mean([g for g, _ in gaps]) / np.mean([d for _, d in gaps]))
+        for kind, ref in references(label, first, set(table)).items():
+            pairs = [e for e in entries if e in table[ref]]
+            a = [per_entry[e]["rouge_l"] for e in pairs]
+            b = [table[ref][e]["rouge_l"] for e in pairs]
+            row.vs[kind] = (*wins_ties_losses(a, b), len(pairs))
+            if kind in ("base", "uniform"):
+                row.delta[kind] = paired_bootstrap(a, b, seed=seed)
+        out.append(row)
+    return sorted(out, key=lambda r: (r.control != "", -r.mean, r.label))
+
+
+def own_not_better(rows: list[dict]) -> list[tuple[str, float, float]]:
+    """Entries whose own adapter does not beat the base model: (entry, own, base)."""
+    base = {r["entry"]: r["rouge_l"] for r in rows if r["label"] == "base"}
+    return sorted((r["entry"], r["rouge_l"], base[r["entry"]]) for r in rows
+                  if r["label"] == "own" and r["entry"] in base and r["rouge_l"] <= base[r["entry"]])
+
+
+def best_setting(summary: list[Row]) -> Row | None:
+    settings = [r for r in summary if r.control == ""]
+    return max(settings, key=lambda r: r.mean) if settings else None
+
+
+# --------------------------------------------------------------------------- #
+# Markdown and plots
+# --------------------------------------------------------------------------- #
+
+
+def _num(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else fmt.format(x)
+
+
+def _ci(t: tuple[float, float, float] | None) -> str:
+    return "–" if t is None else f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}]"
+
+
+def _wtl(t: tuple[int, int, int, int] | None) -> str:
+    return "–" if t is None else f"{t[0]}/{t[1]}/{t[2]}"
+
+
+def markdown_table(summary: list[Row]) -> str:
+    head = ("| setting or control | mean Rouge-L | exact match | entries | gap recovered (mean ratio) | gap (ratio of means) "
+            "| Δ vs base [95% CI] | Δ vs uniform [95% CI] | W/T/L vs base | vs own | vs uniform | vs random-k | vs nearest |")
+    lines = [head, "|" + "---|" * 13]
+    for r in summary:
+        name = f"`{r.label}`" if r.control == "" else f"*{r.label}*"
+        lines.append(f"| {name} | {r.mean:.3f} | {r.exact_match:.3f} | {r.entries} | {_num(r.gap_mean)} | {_num(r.gap_of_means)} | "
+                     f"{_ci(r.delta.get('base'))} | {_ci(r.delta.get('uniform'))} | {_wtl(r.vs.get('base'))} | "
+                     f"{_wtl(r.vs.get('own'))} | {_wtl(r.vs.get('uniform'))} | {_wtl(r.vs.get('random-k'))} | "
+                     f"{_wtl(r.vs.get('nearest'))} |")
+    return "\n".join(lines)
+
+
+def bar_chart(summaries: dict[str, list[Row]], path: Path) -> None:
+    """Mean Rouge-L per setting (blue) and control (grey), one panel per holdout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = max(3.0, 0.28 * max(len(s) for s in summaries.values()) + 1.2)
+    fig, axes = plt.subplots(1, len(summaries), figsize=(7.5 * len(summaries), height), squeeze=False)
+    for ax, (holdout, summary) in zip(axes[0], summaries.items()):
+        rows = sorted(summary, key=lambda r: r.mean)
+        ax.barh([r.label for r in rows], [r.mean for r in rows],
+                color=["#4c72b0" if r.control == "" else "#999999" for r in rows])
+        for ref, style in (("base", ":"), ("own", "--")):
+            hit = [r.mean for r in rows if r.label == ref]
+            if hit:
+                ax.axvline(hit[0], color="black", linestyle=style, linewidth=1, label=f"{ref} ({hit[0]:.3f})")
+        ax.set_xlabel("mean Rouge-L over entries")
+        ax.set_title(f"holdout: {holdout}")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heatmap(coefs: dict[str, dict[str, float]], title: str, path: Path) -> None:
+    """Coefficients: one row per scored entry, one column per bank entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = sorted(coefs)
+    bank = sorted({n for c in coefs.values() for n in c} | set(entries))
+    M = np.array([[coefs[e].get(n, 0.0) for n in bank] for e in entries])
+    short = [n.split("_")[0].replace("subtask", "") if n.startswith("subtask") else n for n in bank]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.16 * len(bank) + 2), max(3.0, 0.16 * len(entries) + 1.5)))
+    im = ax.imshow(M, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(bank)), short, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(entries)), [short[bank.index(e)] for e in entries], fontsize=6)
+    ax.set_xlabel("bank entry")
+    ax.set_ylabel("scored entry (held out)")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="coefficient")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+METHOD_NOTES = """## How the adapters were made
+
+- Distances between bank datasets are computed once per (sketch, metric) and sliced: row i is what `generate`
+  computes for entry i's train split.
+- Neural operator (`…/neural/…`): the paper's scalar MLP, refitted for every scored entry on the bank without
+  that entry (holdout `entry`) or without its whole family (holdout `family`), on all remaining entries
+  (the paper used 80%); it is never scored on an entry it was trained on. Loss space: parameters for the
+  paper's combination, dense updates for svd/cat.
+- `…/auto` settings: temperature and top-k chosen per scored entry from T ∈ {0.1, 0.2, 0.5, 1, 2, 5} and
+  k ∈ {1, 2, 4, 8, 16, all} by the neural operator's own criterion, the relative reconstruction error
+  ‖Σ c_j θ_j − θ_t‖² / ‖θ_t‖² of every *other* bank adapter θ_t from the rest (its family removed too in
+  family mode), computed from the Gram matrix of the dense updates. It never looks at a test split, nor
+  at the scored entry's adapter.
+- Coefficients below 1e-6 are set to 0 and the rest renormalised (a softmin that is one-hot up to 1e-9 is
+  the nearest adapter). Identical coefficient vectors (same combination) are evaluated once per entry;
+  `reused` in the CSV marks the records that share an evaluation.
+- Generated adapters are exact in float32: factors are combined in memory and copied into LoRA slots of
+  the base model (scaling 1), which gives the same update as loading the PEFT files `generate` writes.
+"""
+
+
+def _run_facts(run_path: Path) -> list[str]:
+    """Command, N, max new tokens, machine and wall time, from the bench's run.json."""
+    if not run_path.exists():
+        return ["(no run.json beside the CSV: command and machine unknown)"]
+    runs = json.loads(run_path.read_text(encoding="utf-8"))["runs"]
+    last, wall = runs[-1], sum(r["wall_seconds"] for r in runs)
+    m = last["machine"]
+    return [
+        f"- Command: `{last['command']}`" + (f" ({len(runs)} invocations; resumed runs skip finished records)" if len(runs) > 1 else ""),
+        f"- Test examples per entry: N = {last['n']} (a fixed, seeded sample of the test split); greedy decoding; "
+        f"max new tokens: the task's budget (95th percentile of train reference lengths × 1.25 + 2) capped at "
+        f"{last['max_new_tokens']}; batch size {last['batch_size']}",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; torch {m['torch']}, {last['threads']} "
+        f"threads × {last['jobs']} job(s), executor {last['executor']}",
+        f"- Wall time: {wall / 60:.1f} min in total over {len(runs)} invocation(s)",
+    ]
+
+
+def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Path:
+    """RESULTS.md from scores.csv (with run.json and coefficients.json beside it), plus two PNGs beside the page."""
+    csv_path, out_md = Path(csv_path), Path(out_md)
+    rows = read_scores(csv_path)
+    holdouts = [h for h in ("entry", "family") if any(r["holdout"] == h for r in rows)]
+    summaries = {h: summarize(rows, h, seed) for h in holdouts}
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    bars = out_md.with_name(out_md.stem + "-bars.png")
+    heat = out_md.with_name(out_md.stem + "-coefficients.png")
+    lines = ["# lorablend bench: leave-one-out over the bank", "",
+             "Generated by `lorablend bench` from `" + csv_path.name + "` (every score, one row per entry × setting "
+             "or control × holdout); regenerate with `lorablend bench --report-only`.", ""]
+    lines += _run_facts(csv_path.with_name("run.json")) + [""]
+    lines += [
+        "Settings are in `code`, controls in *italics*: *base* (no adapter), *own* (the entry's own adapter), "
+        "*uniform* (uniform average of the other adapters), *random-k* (k random other adapters, uniform weights, "
+        "seeded; k = the setting's top-k), *nearest* (the single nearest other adapter by the setting's distance). "
+        f"W/T/L: entries won / tied (|Δ| < {TIE}) / lost. Intervals: paired bootstrap over entries, "
+        f"{RESAMPLES} resamples, seeded. Gap recovered: over entries whose own adapter beats the base model.", ""]
+    for h in holdouts:
+        what = "the entry alone is left out" if h == "entry" else "the entry's whole family is left out"
+        lines += [f"## Holdout: {h} ({what})", "", markdown_table(summaries[h]), ""]
+    weak = own_not_better(rows)
+    lines += [f"## Entries whose own adapter does not beat the base model ({len(weak)})", ""]
+    lines += [f"- {e}: own {o:.3f}, base {b:.3f}" for e, o, b in weak] or ["- none"]
+    lines += ["", METHOD_NOTES]
+    if summaries:
+        bar_chart(summaries, bars)
+        lines += ["## Figures", "", f"![mean Rouge-L per setting and control]({bars.name})", ""]
+        best = best_setting(summaries[holdouts[0]])
+        coefs_path = csv_path.with_name("coefficients.json")
+        if best is not None and coefs_path.exists():
+            coefs = json.loads(coefs_path.read_text(encoding="utf-8")).get(best.holdout, {}).get(best.label, {})
+            if coefs:
+                heatmap(coefs, f"{best.label} (holdout {best.holdout})", heat)
+                lines += [f"![coefficients of the best setting]({heat.name})", "",
+                          f"Coefficients of the best setting by mean Rouge-L, `{best.label}` (holdout {best.holdout}): "
+                          "one row per held-out entry, one column per bank entry.", ""]
+    from .atomic import atomic_file
+
+    with atomic_file(out_md, "w") as fh:
+        fh.write("\n".join(lines))
+    return out_md

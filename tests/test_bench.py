@@ -1,0 +1,227 @@
+"""`lorablend bench` on the tiny bank: controls, holdouts, honest neural fits, resumption, report, Ray."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from lorablend import bench
+from lorablend.bank import Bank
+from lorablend.bench import BenchConfig, RecordStore, parse_setting, run_bench
+from lorablend.errors import InputError
+
+SETTINGS = (
+    "tokens/js/normalized/paper/T1",
+    "tokens/js/neural/paper/T1",
+    "embeddings/js/normalized/svd/auto",
+    "tokens/wd/attentional/svd/T1/top2",
+)
+FAST = dict(n=3, max_new_tokens=3, threads=1, presets=(), settings=SETTINGS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is fastest on one thread; restore the session's count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def study(tiny_bank, tmp_path_factory):
+    """One run over the whole tiny bank, both holdouts (shared by the read-only tests)."""
+    results = tmp_path_factory.mktemp("bench") / "results"
+    run = run_bench(BenchConfig(bank=str(tiny_bank), results=results, **FAST))
+    records = {(r["entry"], r["holdout"], r["label"]): r for r in RecordStore(results).all()}
+    return run, records, Bank.open(tiny_bank)
+
+
+def test_settings_parse_round_trip_and_presets():
+    for text in SETTINGS + ("embeddings/mmd/normalized/svd/auto/r4", "tokens/kl/attentional/cat/T0.5/top3"):
+        assert parse_setting(text).label == text
+        assert parse_setting(parse_setting(text).label) == parse_setting(text)
+    assert len(bench.PRESETS["paper"]) == 12 and all("/paper/" in s for s in bench.PRESETS["paper"])
+    for bad in ("tokens/js", "tokens/js/normalized/svd/X3", "tokens/js/neural/svd/auto", "tokens/js/normalized/svd/T1/auto"):
+        with pytest.raises(InputError):
+            parse_setting(bad)
+
+
+def test_every_record_is_there(study):
+    run, records, bank = study
+    specs = [parse_setting(s) for s in SETTINGS]
+    expected = {(e, s.holdout, s.label) for e in bank.names for s in bench.slots_for(specs, ("entry", "family"))}
+    assert set(records) == expected and run.written == run.total == len(expected)
+    assert run.csv.exists() and (run.results / "coefficients.json").exists()
+
+
+def test_base_and_own_are_evaluated(study):
+    _, records, bank = study
+    for e in bank.names:
+        base, own = records[(e, "-", "base")], records[(e, "-", "own")]
+        assert base["eval_key"] == "base" and base["coefficients"] == {} and base["n"] == len(base["answers"]) > 0
+        assert own["eval_key"] == f"bank:{e}" and own["coefficients"] == {e: 1.0}
+
+
+def test_uniform_random_k_and_nearest_controls(study):
+    _, records, bank = study
+    D = np.load(study[0].results / "matrices" / "D-tokens-wd.npy")
+    for i, e in enumerate(bank.names):
+        others = [n for n in bank.names if n != e]
+        uniform = records[(e, "entry", "uniform/svd")]["coefficients"]
+        assert set(uniform) == set(others) and np.allclose(list(uniform.values()), 1 / (len(bank.names) - 1))
+        rk = records[(e, "entry", "random-k/tokens/wd/attentional/svd/T1/top2")]
+        usable = [j for j, n in enumerate(bank.names) if n != e]
+        picked = {bank.names[j] for j in random.Random(f"0:{e}:2").sample(usable, 2)}
+        assert set(rk["coefficients"]) == picked and list(rk["coefficients"].values()) == [0.5, 0.5]
+        nearest = records[(e, "entry", "nearest/tokens/wd")]["coefficients"]
+        row = np.where(np.arange(len(bank.names)) == i, np.inf, D[i])
+        assert nearest == {bank.names[int(np.argmin(row))]: 1.0}
+
+
+def test_family_holdout_removes_the_family(study):
+    _, records, bank = study
+    for e in bank.entries:
+        family = {x.name for x in bank.entries if x.family == e.family}
+        for (entry, holdout, label), r in records.items():
+            if entry == e.name and holdout == "family":
+                assert set(r["excluded"]) == family and not family & set(r["coefficients"]), label
+                if r["neural_trained_on"] is not None:
+                    assert not family & set(r["neural_trained_on"])
+
+
+def test_neural_is_never_trained_on_the_entry_it_scores(tiny_bank, tmp_path, monkeypatch):
+    from lorablend import metafit
+
+    calls = []
+    real = metafit.fit_meta
+
+    def spy(bank_, config, **kw):
+        calls.append(set(kw["exclude"]))
+        return real(bank_, config, **kw)
+
+    monkeypatch.setattr(metafit, "fit_meta", spy)
+    cfg = BenchConfig(bank=str(tiny_bank), results=tmp_path / "r", entries=("math", "music"),
+                      **{**FAST, "settings": ("tokens/js/neural/paper/T1",)})
+    run_bench(cfg)
+    bank = Bank.open(tiny_bank)
+    fam = {e.name for e in bank.entries if e.family == bank.entry("math").family}
+    assert calls == [{"math"}, fam, {"music"}, {"music"}]  # music's family is music alone
+    for r in RecordStore(tmp_path / "r").all():
+        if r["label"] == "tokens/js/neural/paper/T1":
+            assert r["entry"] not in r["neural_trained_on"] and len(r["neural_trained_on"]) == 5 - len(r["excluded"])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_without_recomputing(tiny_bank, tmp_path, monkeypatch):
+    from lorablend import evaluate
+
+    calls, real = [], evaluate.generate_answers
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise Killed
+        return real(*args, **kw)
+
+    monkeypatch.setattr(evaluate, "generate_answers", flaky)
+    cfg = BenchConfig(bank=str(tiny_bank), results=tmp_path / "r", entries=("math", "code"), batch_size=2,
+                      **{**FAST, "settings": SETTINGS[:1], "holdouts": ("entry",)})
+    fail_after = 3  # one adapter per call with batch 2: three evaluations, then a "kill"
+    with pytest.raises(Killed):
+        run_bench(cfg)
+    root = tmp_path / "r" / "records"
+    kept = {p.relative_to(root): p.read_text() for p in root.rglob("*.json")}
+    assert 3 <= len(kept) < 2 * 5
+    calls.clear()
+    fail_after = None
+    run = run_bench(cfg)
+    records = RecordStore(tmp_path / "r").all()
+    distinct = len({(r["entry"], r["eval_key"]) for r in records})
+    assert len(calls) == distinct - 3 and run.written == len(records) - len(kept) == 10 - len(kept)
+    assert all((root / rel).read_text() == text for rel, text in kept.items())  # untouched
+    calls.clear()
+    assert run_bench(cfg).written == 0 and calls == []  # a finished study computes nothing
+
+
+def test_results_dir_refuses_other_options(tiny_bank, study):
+    with pytest.raises(InputError, match="another n"):
+        run_bench(BenchConfig(bank=str(tiny_bank), results=study[0].results, **{**FAST, "n": 2}))
+
+
+def test_slots_give_the_same_model_as_loading_the_written_adapter(tiny_bank, tmp_path):
+    """The bench never writes its adapters: a slot filled with the combination must equal the PEFT files."""
+    import torch
+
+    from lorablend.evaluate import load_for_eval
+    from lorablend.generate import combination, write_combination
+
+    bank = Bank.open(tiny_bank)
+    coefs = {"animals": 0.5, "code": 0.3, "music": 0.2, "math": 0.0, "weather": 0.0}
+    write_combination(bank, coefs, tmp_path / "a", "svd", 3)
+    peft_model, _ = load_for_eval(bank.manifest.base_model, {"a": str(tmp_path / "a")})
+    modules = combination(bank, coefs, "svd", 3, readers=bench._readers(bank))
+    sm = bench.slot_model(bank.manifest.base_model, list(modules), 2, 4)
+    sm.fill(1, modules)
+    x = torch.tensor([[1, 17, 42, 99, 5, 7]])
+    with torch.no_grad():
+        want = peft_model(input_ids=x).logits
+        got = sm.model(input_ids=x, adapter_names=["slot1"]).logits
+        base = sm.model(input_ids=x, adapter_names=["__base__"]).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
+
+
+def test_calibration_finds_the_exact_neighbour():
+    from lorablend.calibrate import calibrate
+
+    rng = np.random.default_rng(0)
+    theta = np.repeat(rng.normal(size=(4, 50)), 2, axis=0)  # entries come in identical pairs
+    D = rng.uniform(1, 2, size=(8, 8))
+    for t in range(8):
+        D[t, t ^ 1] = 0.0  # each entry's twin is its nearest
+    cal = calibrate(D, theta @ theta.T, list(range(8)))
+    assert cal.top_k == 1 and cal.loss < 1e-9
+
+
+def test_report_statistics():
+    from lorablend.report import gap_recovered, paired_bootstrap, wins_ties_losses
+
+    assert gap_recovered(0.5, 0.2, 0.8) == pytest.approx(0.5) and gap_recovered(0.5, 0.3, 0.3) is None
+    assert wins_ties_losses([0.5, 0.5, 0.5], [0.2, 0.495, 0.9]) == (1, 1, 1)
+    mean, lo, hi = paired_bootstrap([0.3, 0.5, 0.4, 0.9], [0.1, 0.2, 0.4, 0.3])
+    assert lo <= mean <= hi and mean == pytest.approx(0.275)
+    assert paired_bootstrap([0.3, 0.5], [0.1, 0.3]) == pytest.approx((0.2, 0.2, 0.2))
+    assert paired_bootstrap([1, 2, 3], [0, 0, 0]) == paired_bootstrap([1, 2, 3], [0, 0, 0])  # seeded
+
+
+def test_report_has_tables_intervals_and_plots(study, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorablend.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--report-only", "--results", str(study[0].results),
+                                   "--report", str(tmp_path / "docs" / "RESULTS.md")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "docs" / "RESULTS.md").read_text()
+    for needle in ("## Holdout: entry", "## Holdout: family", "Δ vs base [95% CI]", "W/T/L vs base",
+                   "`embeddings/js/normalized/svd/auto`", "*uniform/paper*", "*random-k/", "*nearest/tokens/js*",
+                   "N = 3", "Machine: ", "Wall time: ", "Command: `", "RESULTS-bars.png", "RESULTS-coefficients.png"):
+        assert needle in page, needle
+    assert (tmp_path / "docs" / "RESULTS-bars.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "RESULTS-coefficients.png").stat().st_size > 1000
+    coefs = json.loads((study[0].results / "coefficients.json").read_text())
+    assert set(coefs) == {"-", "entry", "family"}
+
+
+def test_ray_executor_with_a_local_instance(tiny_bank, tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'lorablend[ray]')")
+    cfg = BenchConfig(bank=str(tiny_bank), results=tmp_path / "r", entries=("math",), executor="ray",
+                      **{**FAST, "settings": SETTINGS[:1], "holdouts": ("entry",)})
+    run = run_bench(cfg)
+    assert run.written == run.total == 5
+    assert {r["entry"] for r in RecordStore(tmp_path / "r").all()} == {"math"}

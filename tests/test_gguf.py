@@ -1,0 +1,400 @@
+"""GGUF LoRA export and the llama.cpp evaluation backend (issue 8).
+
+The first group checks the file layout with the `gguf` reader alone. The second is the
+proof by the real client and is skipped (with the reason shown) only where
+llama-cpp-python is not installed: llama.cpp's own `convert_hf_to_gguf.py` and
+`convert_lora_to_gguf.py`, taken from the llama-cpp-python sdist of the installed
+version (never copied into this repo), convert a tiny random Llama and a PEFT adapter;
+lorablend's file must hold the same tensors, llama-cpp-python must answer identically
+with either file (and differently from the base model alone), and the llamacpp backend
+of `lorablend eval` must give the PyTorch backend's answers on the f32 tiny model.
+
+The sdist is cached under $LORABLEND_HOME/llama-cpp (the user's, not the tests' temp
+home) or taken from $LLAMA_CPP_SDIST (a .tar.gz or an unpacked dir); it is fetched with
+`pip download --no-deps --no-binary :all: llama-cpp-python==VERSION` when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_adapter, make_dataset_file
+
+from lorablend.errors import InputError
+from lorablend.models import lorablend_home
+
+# Read at import, before conftest points $LORABLEND_HOME at a session temp dir.
+SDIST_CACHE = lorablend_home() / "llama-cpp"
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _read(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
+    return fields, tensors
+
+
+def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of llama.cpp's q/k row permutation, as transformers' GGUF loader writes it."""
+    dim = rows.shape[0] // n_head // 2
+    return rows.reshape(n_head, dim, 2, *rows.shape[1:]).swapaxes(2, 1).reshape(rows.shape)
+
+
+def _factors(adapter: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    t = load_file(str(adapter / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    return {k[len(prefix):-len(".lora_A.weight")]: (t[k], t[k.replace("lora_A", "lora_B")])
+            for k in t if k.endswith(".lora_A.weight")}
+
+
+@pytest.fixture(scope="module")
+def full_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A random LoRA on all seven linear layers of the tiny Llama (4 heads, 2 KV heads)."""
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("full") / "adapter", seed=3, r=4, alpha=8.0,
+                        targets=ALL_MODULES)
+
+
+# --------------------------------------------------------------------------- #
+# Layout (the gguf package only)
+# --------------------------------------------------------------------------- #
+
+
+def test_layout_names_shapes_and_qk_permutation(tiny_model_dir, full_adapter, tmp_path):
+    from lorablend.gguf_export import export_gguf
+
+    out = export_gguf(full_adapter, str(tiny_model_dir), tmp_path / "a.gguf")
+    fields, tensors = _read(out)
+    assert fields["general.architecture"] == "llama"
+    assert fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == pytest.approx(8.0)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    factors = _factors(full_adapter)
+    assert len(tensors) == 2 * len(factors) == 2 * 2 * len(ALL_MODULES)
+    for module, (A, B) in factors.items():
+        layer, short = module.split(".")[2], module.rsplit(".", 1)[1]
+        base = f"blk.{layer}.{names[short]}.weight"
+        (ta, a), (tb, b) = tensors[base + ".lora_a"], tensors[base + ".lora_b"]
+        assert ta == tb == "F32"
+        assert a.shape == A.shape and b.shape == B.shape  # ggml ne: a = [in, r], b = [r, out]
+        np.testing.assert_array_equal(a, A)
+        if short == "q_proj":
+            assert not np.array_equal(b, B)
+            np.testing.assert_array_equal(_unpermute(b, 4), B)
+        elif short == "k_proj":
+            np.testing.assert_array_equal(_unpermute(b, 2), B)  # permuted by KV heads
+        else:
+            np.testing.assert_array_equal(b, B)
+
+
+def test_f16_and_folded_scales(tiny_model_dir, tmp_path):
+    """rank_pattern / alpha_pattern / rsLoRA: llama.cpp has one alpha, so the rest goes into B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import torch
+    from lorablend.adapter import read_spec
+    from lorablend.gguf_export import export_gguf
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_rslora=True,
+                     rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 3.0})
+    get_peft_model(model, cfg).save_pretrained(str(tmp_path / "ad"))
+    spec = read_spec(tmp_path / "ad")
+    out = export_gguf(tmp_path / "ad", str(tiny_model_dir), tmp_path / "a.gguf", dtype="f16")
+    fields, tensors = _read(out)
+    alpha = fields["adapter.lora.alpha"]
+    for module, (A, B) in _factors(tmp_path / "ad").items():
+        short, layer = module.rsplit(".", 1)[1], module.split(".")[2]
+        base = f"blk.{layer}.attn_{short[0]}.weight"
+        (ta, a), (_, b) = tensors[base + ".lora_a"], tensors[base + ".lora_b"]
+        assert ta == "F16"
+        b = b.astype(np.float32)
+        if short == "q_proj":
+            b = _unpermute(b, 4)
+        llama_cpp_delta = (alpha / a.shape[0]) * b @ a.astype(np.float32)
+        peft_delta = spec.scale(module) * B @ A
+        np.testing.assert_allclose(llama_cpp_delta, peft_delta, rtol=2e-2, atol=1e-3)
+
+
+def test_unsupported_architecture_and_module(tiny_model_dir, full_adapter, tmp_path):
+    from lorablend.gguf_export import export_gguf
+
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(InputError, match="architecture 'gpt2'; GGUF LoRA export supports llama, mistral"):
+        export_gguf(full_adapter, str(other), tmp_path / "x.gguf")
+    # a LoRA on lm_head (PEFT would also save the tied embeddings; write the factors directly)
+    from safetensors.numpy import load_file, save_file
+
+    head = make_adapter(tiny_model_dir, tmp_path / "head", seed=0, targets=("q_proj",))
+    tensors = load_file(str(head / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.lora_A.weight"] = np.ones((4, 64), np.float32)
+    tensors["base_model.model.lm_head.lora_B.weight"] = np.ones((100, 4), np.float32)
+    save_file(tensors, str(head / "adapter_model.safetensors"))
+    with pytest.raises(InputError, match="module 'lm_head' has no llama.cpp counterpart") as err:
+        export_gguf(head, str(tiny_model_dir), tmp_path / "x.gguf")
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_write_is_atomic(tiny_model_dir, full_adapter, tmp_path, monkeypatch):
+    import gguf
+
+    from lorablend.gguf_export import export_gguf
+
+    def boom(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(full_adapter, str(tiny_model_dir), tmp_path / "a.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(argv, capfd) -> tuple[int, str, str]:
+    from lorablend.cli import main
+
+    capfd.readouterr()
+    old, sys.argv = sys.argv, ["lorablend", *map(str, argv)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    finally:
+        sys.argv = old
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_cli_export(tiny_model_dir, full_adapter, tmp_path, capfd):
+    adapter = tmp_path / "ad"
+    shutil.copytree(full_adapter, adapter)
+    code, out, err = _cli(["export", "gguf", adapter, "--base", tiny_model_dir], capfd)
+    assert code == 0, err
+    assert (adapter / "adapter.gguf").is_file() and "GGUF LoRA written to" in out
+    code, out, err = _cli(["export", "gguf", adapter, "--base", tiny_model_dir], capfd)
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _cli(["export", "gguf", adapter, "--out", tmp_path / "b.gguf"], capfd)  # base from the config
+    assert code == 0, err
+    assert _read(tmp_path / "b.gguf")[1].keys() == _read(adapter / "adapter.gguf")[1].keys()
+    code, out, err = _cli(["export", "gguf", tmp_path, "--base", tiny_model_dir], capfd)
+    assert code == 2 and "adapter config not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cached_export_and_backend_choice(tiny_model_dir, full_adapter):
+    from lorablend.gguf_export import cached_gguf
+    from lorablend.llamacpp import resolve_backend
+
+    first = cached_gguf(full_adapter, str(tiny_model_dir))
+    mtime = first.stat().st_mtime_ns
+    again = cached_gguf(full_adapter, str(tiny_model_dir))
+    assert again == first and first.stat().st_size > 0 and first.parent.name == "gguf-adapters"
+    assert again.stat().st_mtime_ns >= mtime
+    assert resolve_backend("torch", str(tiny_model_dir)) == "torch"
+    assert resolve_backend("auto", str(tiny_model_dir)) == "torch"  # no GGUF beside the tiny model
+    with pytest.raises(InputError, match="backend 'lamacpp'.*llamacpp"):
+        resolve_backend("lamacpp", str(tiny_model_dir))
+    with pytest.raises(InputError, match="(has no GGUF|needs llama-cpp-python)"):
+        resolve_backend("llamacpp", str(tiny_model_dir))
+
+
+# --------------------------------------------------------------------------- #
+# The real client: llama.cpp's converters and llama-cpp-python
+# --------------------------------------------------------------------------- #
+
+_CONVERT = """
+import runpy, sys
+vendor, base_dir, base_out, lora_dir, lora_out = sys.argv[1:6]
+sys.path[:0] = [vendor, vendor + "/gguf-py"]
+# The tiny test tokenizer is a BPE llama.cpp's converter does not know by hash; the tests feed
+# llama.cpp token ids, never text, so any pre-tokenizer name does.
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+for argv in (["convert_hf_to_gguf.py", base_dir, "--outfile", base_out, "--outtype", "f32"],
+             ["convert_lora_to_gguf.py", "--base", base_dir, "--outfile", lora_out, "--outtype", "f32", lora_dir]):
+    sys.argv = argv
+    runpy.run_path(vendor + "/" + argv[0], run_name="__main__")
+"""
+_VENDOR_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def _vendor_dir(version: str) -> Path:
+    """llama.cpp's converter scripts from the llama-cpp-python sdist (downloaded once, unpacked once)."""
+    from lorablend.atomic import atomic_dir
+
+    given = os.environ.get("LLAMA_CPP_SDIST")
+    if given and Path(given).is_dir():
+        found = next(Path(given).glob("**/vendor/llama.cpp/convert_lora_to_gguf.py"), None)
+        if found is None:
+            pytest.fail(f"LLAMA_CPP_SDIST={given} holds no vendor/llama.cpp/convert_lora_to_gguf.py")
+        return found.parent
+    name = f"llama_cpp_python-{version}"
+    tgz = Path(given) if given else SDIST_CACHE / f"{name}.tar.gz"
+    vendor = SDIST_CACHE / f"{name}-convert"
+    if (vendor / "convert_lora_to_gguf.py").is_file():
+        return vendor
+    if not tgz.is_file():
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                               f"llama-cpp-python=={version}", "-d", str(tgz.parent)], capture_output=True, text=True)
+        if proc.returncode or not tgz.is_file():
+            pytest.fail(f"cannot fetch the llama-cpp-python {version} sdist for llama.cpp's converters "
+                        f"({proc.stderr.strip()[-300:]}); set LLAMA_CPP_SDIST to a downloaded copy")
+    prefix = f"{name}/vendor/llama.cpp/"
+    try:
+        with atomic_dir(vendor) as tmp, tarfile.open(tgz) as tar:
+            for member in tar:
+                rel = member.name[len(prefix):] if member.name.startswith(prefix) else None
+                if rel and (rel in _VENDOR_FILES or rel.startswith(_VENDOR_FILES[2:])) and member.isfile():
+                    member.name = rel
+                    tar.extract(member, tmp, filter="data")
+    except FileExistsError:  # another session unpacked it first
+        pass
+    return vendor
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `pip install 'lorablend[llamacpp]'`")
+
+
+@pytest.fixture(scope="module")
+def converted(llama_cpp, tiny_model_dir, full_adapter, tmp_path_factory):
+    """The tiny model dir + its f32 GGUF (recorded in lorablend-source.json) and llama.cpp's export of the adapter."""
+    vendor = _vendor_dir(llama_cpp.__version__)
+    root = tmp_path_factory.mktemp("llamacpp")
+    model = root / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    base, theirs = root / "tiny-f32.gguf", root / "theirs.gguf"
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, str(vendor), str(model), str(base), str(full_adapter),
+                           str(theirs)], capture_output=True, text=True)
+    assert proc.returncode == 0 and theirs.is_file(), proc.stderr[-3000:]
+    (model / "lorablend-source.json").write_text(json.dumps({"gguf": str(base)}))
+    return {"model": model, "base": base, "theirs": theirs, "adapter": full_adapter}
+
+
+def test_same_tensors_as_llama_cpp_converter(converted, tmp_path):
+    from lorablend.gguf_export import export_gguf
+
+    mine = export_gguf(converted["adapter"], str(converted["model"]), tmp_path / "mine.gguf")
+    f_mine, t_mine = _read(mine)
+    f_theirs, t_theirs = _read(converted["theirs"])
+    for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
+        assert f_mine[key] == f_theirs[key], key
+    assert list(t_mine) == list(t_theirs)  # same names, same order
+    for name, (kind, data) in t_theirs.items():
+        assert t_mine[name][0] == kind
+        np.testing.assert_array_equal(t_mine[name][1], data, err_msg=name)
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    from lorablend.dataset import Example
+    from lorablend.prompts import prompt_ids
+
+    texts = ["The cat sat on the mat.", "What is two plus two?", "Write a function that adds numbers."]
+    return [prompt_ids(tokenizer, Example(instruction="Answer briefly.", input=t, outputs=("x",))) for t in texts]
+
+
+def test_llama_cpp_answers_identically_with_both_files(converted, llama_cpp, tmp_path):
+    from lorablend.gguf_export import export_gguf
+    from lorablend.models import load_tokenizer
+
+    mine = export_gguf(converted["adapter"], str(converted["model"]), tmp_path / "mine.gguf")
+    prompts = _prompts(load_tokenizer(str(converted["model"])))
+
+    def greedy(lora: Path | None) -> list[list[int]]:
+        llm = llama_cpp.Llama(model_path=str(converted["base"]), lora_path=str(lora) if lora else None, n_ctx=512,
+                              n_threads=2, verbose=False)
+        try:
+            outs = []
+            for p in prompts:
+                gen = llm.generate(p, temp=0.0, top_k=1, repeat_penalty=1.0)
+                outs.append([next(gen) for _ in range(12)])
+            return outs
+        finally:
+            llm.close()
+
+    base, ours, theirs = greedy(None), greedy(mine), greedy(converted["theirs"])
+    assert ours == theirs
+    assert all(o != b for o, b in zip(ours, base)), "the adapter must change every greedy answer"
+
+
+def test_llamacpp_backend_matches_torch(converted, tmp_path):
+    """The llamacpp backend decodes the torch path's very prompts: on the f32 tiny model, the same greedy tokens.
+
+    A random model has near-ties, which llama.cpp's f16 KV cache may break the other way: tokens are
+    compared up to the first step whose top-2 logit margin under torch is below 0.05.
+    """
+    import contextlib
+
+    import torch
+
+    from lorablend.dataset import load_dataset
+    from lorablend.evaluate import answers_with, generate_answers, load_for_eval
+    from lorablend.prompts import end_of_turn_id, prompt_ids
+
+    model_id = str(converted["model"])
+    ds = load_dataset(make_dataset_file(tmp_path / "d.jsonl", "animals", n=12), name="animals")
+    examples = ds.split("train")[:6]
+    adapters = {"a": str(converted["adapter"])}
+    lm, tok = load_for_eval(model_id, adapters, backend="llamacpp")
+    assert getattr(lm, "is_llamacpp", False)
+    tm, _ = load_for_eval(model_id, adapters, backend="torch")
+    stop = end_of_turn_id(tok)
+    compared = 0
+    for name in ("a", None):
+        for e in examples:
+            p = prompt_ids(tok, e)
+            tm.set_adapter("a")
+            with (tm.disable_adapter() if name is None else contextlib.nullcontext()), torch.inference_mode():
+                out = tm.generate(input_ids=torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=[stop],
+                                  pad_token_id=stop, output_scores=True, return_dict_in_generate=True)
+            want = out.sequences[0, len(p):].tolist()
+            got = lm.answer_ids(p, 12, {stop}, name)
+            for k, scores in enumerate(out.scores):
+                top = torch.topk(scores[0], 2).values
+                if float(top[0] - top[1]) < 0.05 or want[k] == stop:
+                    break
+                assert got[k] == want[k], (name, e.input, k, got, want)
+                compared += 1
+    assert compared >= 60  # with this seed 77 of the 144 steps are clear-cut, and all of them agree
+    # whole answers through the evaluation API, and mixed adapters in one call as `lorablend bench` passes them
+    mixed = generate_answers(lm, tok, examples, max_new_tokens=10, adapter_names=["a", "__base__"] * 3)
+    with_a = answers_with(lm, "a", tok, examples, max_new_tokens=10)
+    alone = answers_with(lm, None, tok, examples, max_new_tokens=10)
+    assert mixed == [with_a[i] if i % 2 == 0 else alone[i] for i in range(6)]
+    assert with_a != alone
+    lm.close()
+
+
+def test_eval_cli_defaults_to_llamacpp(converted, tmp_path, capfd):
+    data = make_dataset_file(tmp_path / "d.jsonl", "math", n=8)
+    argv = ["eval", "--dataset", data, "--adapter", converted["adapter"], "--model", converted["model"], "--limit", "3",
+            "--max-new-tokens", "6"]
+    code, out, err = _cli(argv, capfd)
+    assert code == 0, err
+    out = " ".join(out.split())  # rich wraps long lines
+    assert "backend llamacpp" in out
+    code, out2, err = _cli(argv + ["--backend", "torch"], capfd)
+    assert code == 0, err
+    out2 = " ".join(out2.split())
+    assert "backend torch" in out2
+    code, out, err = _cli(argv + ["--backend", "lamacpp"], capfd)
+    assert code == 2 and "unknown backend 'lamacpp'" in err and len(err.strip().splitlines()) == 1
