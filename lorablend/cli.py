@@ -29,6 +29,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 export_app = typer.Typer(no_args_is_help=True, help="Write adapters in other formats (GGUF for llama.cpp / Ollama).")
 app.add_typer(export_app, name="export")
+perf_app = typer.Typer(no_args_is_help=True, help="Benchmarks (docs/PERFORMANCE.md).")
+app.add_typer(perf_app, name="perf")
 
 console = Console(stderr=True)
 out = Console()
@@ -493,12 +495,34 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+@perf_app.command("scale", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                  add_help_option=False)
+def perf_scale(ctx: typer.Context):
+    """One adapter from an N-adapter Mistral-7B-shaped bank, side by side with PEFT and the paper (options: --help)."""
+    from .benchmarks.scale import main as scale_main
+
+    raise typer.Exit(scale_main(list(ctx.args)))
+
+
 _INTERRUPTED = "interrupted; nothing half-written was left"
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for lorablend's own progress: no library loading bars or deprecation notes."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars follow it
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     args = [a for a in sys.argv[1:] if a != "--debug"]
+    if not debug:
+        _quiet_libraries()
     import click
     import typer.exceptions
 

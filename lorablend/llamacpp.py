@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,28 @@ from .prompts import PromptFormat, end_of_turn_id, prompt_ids
 
 BACKENDS = ("auto", "torch", "llamacpp")
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
-N_THREADS = 2
+N_THREADS = None  # None: default_threads()
 N_CTX = 2048
+THREADS_ENV = "LORABLEND_LLAMACPP_THREADS"
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: $LORABLEND_LLAMACPP_THREADS, else the cores other processes leave idle.
+
+    llama.cpp's threads meet at a spinning barrier several times per layer: on a busy CPU a
+    preempted thread stalls the others, and 2 threads ran 10x slower than 1 beside a training
+    job on 2 cores (see docs/PERFORMANCE.md). So the default counts free cores (cores minus
+    the 1-minute load average), at least 1.
+    """
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise InputError(f"${THREADS_ENV} must be a whole number of threads, got '{env}'") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def available() -> bool:
@@ -139,7 +160,8 @@ class LlamaCppModel:
         self.model_id = model_id
         self.path = path
         self._lib = llama_cpp
-        n_threads = n_threads or N_THREADS
+        n_threads = n_threads or N_THREADS or default_threads()
+        self.n_threads = n_threads
         n_ctx = min(n_ctx, _context_length(path) or n_ctx)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                                    n_batch=512, verbose=False)

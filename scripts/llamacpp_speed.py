@@ -1,14 +1,16 @@
-"""Side-by-side speed and agreement of the two evaluation backends (torch vs llama.cpp).
+"""Side-by-side speed and agreement of the evaluation backends (torch vs llama.cpp).
 
     python scripts/llamacpp_speed.py --bank /work/cache/bank_default --data /work/cache/ni \
-        --tasks 3 --examples 16 --json docs/llamacpp_speed.json
+        --tasks 3 --examples 8 --configs torch:2,llamacpp:2,llamacpp:1 --json /tmp/llamacpp_speed.json
 
 For each of the first `--tasks` bank entries (its own adapter on its own task's test
 split, as `lorablend bank build` scores it) and for the base model on the first task,
-both backends answer the same examples, alternating which goes first, with 2 threads
-each. Reported per evaluation: wall time, answer tokens per second (the same count for
-both: the tokens of the decoded answers plus the end-of-turn token), mean Rouge-L, and
-the per-example agreement (identical answers, |Rouge-L difference|).
+every config (backend:threads) answers the same examples, in a rotating order so that
+load changes on a shared machine hit all of them alike. Reported per evaluation: wall
+time and CPU time of the process (on a shared, busy machine the wall time mostly measures
+the neighbours: CPU time is the work done), answer tokens per second (counted the same way for every config: the tokens of
+the decoded answer plus the end-of-turn token), mean Rouge-L, and the per-example
+agreement with the first config (identical answers, |Rouge-L difference|).
 """
 
 from __future__ import annotations
@@ -27,20 +29,20 @@ def main() -> None:
     ap.add_argument("--bank", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True, help="dir of <entry>.jsonl.gz task files")
     ap.add_argument("--tasks", type=int, default=3)
-    ap.add_argument("--examples", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--examples", type=int, default=8)
+    ap.add_argument("--configs", default="torch:2,llamacpp:2,llamacpp:1", help="backend:threads, comma-separated")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     import torch
 
-    torch.set_num_threads(args.threads)
-    from lorablend import llamacpp
     from lorablend.bank import Bank
     from lorablend.dataset import load_dataset
     from lorablend.evaluate import answers_with, load_for_eval, max_new_tokens_for, rouge
+    from lorablend.llamacpp import LlamaCppModel
+    from lorablend.models import load_tokenizer
 
-    llamacpp.N_THREADS = args.threads
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
     bank = Bank.open(str(args.bank))
     entries = [e for e in bank.entries if (args.data / f"{e.name}.jsonl.gz").is_file()
                and (bank.root / e.adapter_dir / "adapter_model.safetensors").is_file()][: args.tasks]
@@ -48,57 +50,74 @@ def main() -> None:
         sys.exit(f"no bank entry of {args.bank} has a task file in {args.data}")
     adapters = {e.name: str(bank.root / e.adapter_dir) for e in entries}
     model_id = bank.manifest.base_model
-    t0 = time.perf_counter()
-    tm, tok = load_for_eval(model_id, adapters, backend="torch")
-    load_torch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lm, _ = load_for_eval(model_id, adapters, backend="llamacpp")
-    load_llama = time.perf_counter() - t0  # includes the GGUF export of uncached adapters
+    tok = load_tokenizer(model_id)
+    models, load_s = {}, {}
+    for backend, threads in configs:
+        t0 = time.perf_counter()
+        if backend == "torch":
+            if "torch" not in models:
+                models["torch"], _ = load_for_eval(model_id, adapters, backend="torch")
+        else:
+            m = LlamaCppModel(model_id, n_threads=threads)
+            m.load_adapters(adapters)  # exports uncached adapters to GGUF
+            models[f"llamacpp:{threads}"] = m
+        load_s[f"{backend}:{threads}"] = round(time.perf_counter() - t0, 1)
 
+    names = [f"{b}:{t}" for b, t in configs]
     jobs = [(e.name, e.name) for e in entries] + [(entries[0].name, None)]
-    rows, diffs = [], []
+    rows, totals = [], {n: {"seconds": 0.0, "cpu": 0.0, "tokens": 0, "rouge": [], "answers": []} for n in names}
     for k, (task, adapter) in enumerate(jobs):
         ds = load_dataset(args.data / f"{task}.jsonl.gz", seed=0)
         examples = ds.split("test")[: args.examples]
         budget = max_new_tokens_for(tok, [e.target for e in ds.splits.get("train") or examples])
         result = {}
-        order = ("torch", "llamacpp") if k % 2 == 0 else ("llamacpp", "torch")
-        for backend in order:
-            model = tm if backend == "torch" else lm
-            t = time.perf_counter()
+        for j in range(len(configs)):
+            backend, threads = configs[(j + k) % len(configs)]
+            name = f"{backend}:{threads}"
+            if backend == "torch":
+                torch.set_num_threads(threads)
+                model = models["torch"]
+            else:
+                model = models[name]
+            t, c = time.perf_counter(), time.process_time()
             answers = answers_with(model, adapter, tok, examples, max_new_tokens=budget, batch_size=8)
-            seconds = time.perf_counter() - t
+            seconds, cpu = time.perf_counter() - t, time.process_time() - c
             tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)
-            result[backend] = {"seconds": seconds, "tokens": tokens, "answers": answers,
-                               "rouge_l": [rouge(a, e.outputs)[0] for a, e in zip(answers, examples)]}
-        a, b = result["torch"], result["llamacpp"]
-        diff = np.abs(np.array(a["rouge_l"]) - np.array(b["rouge_l"]))
-        diffs += diff.tolist()
-        row = {
-            "task": task, "adapter": adapter or "(base model)", "n": len(examples), "max_new_tokens": budget,
-            "torch_s": round(a["seconds"], 2), "llamacpp_s": round(b["seconds"], 2),
-            "speedup": round(a["seconds"] / b["seconds"], 2),
-            "torch_tok_s": round(a["tokens"] / a["seconds"], 1), "llamacpp_tok_s": round(b["tokens"] / b["seconds"], 1),
-            "torch_rouge_l": round(float(np.mean(a["rouge_l"])), 4),
-            "llamacpp_rouge_l": round(float(np.mean(b["rouge_l"])), 4),
-            "identical_answers": int(sum(x == y for x, y in zip(a["answers"], b["answers"]))),
-            "mean_abs_rouge_l_diff": round(float(diff.mean()), 4), "max_abs_rouge_l_diff": round(float(diff.max()), 4),
-        }
+            result[name] = {"seconds": seconds, "cpu": cpu, "tokens": tokens, "answers": answers,
+                            "rouge": [rouge(a, e.outputs)[0] for a, e in zip(answers, examples)]}
+            for key in ("seconds", "cpu", "tokens"):
+                totals[name][key] += result[name][key]
+            totals[name]["rouge"] += result[name]["rouge"]
+            totals[name]["answers"] += answers
+        ref = result[names[0]]
+        row = {"task": task, "adapter": adapter or "(base model)", "n": len(examples), "max_new_tokens": budget}
+        for name in names:
+            r = result[name]
+            row[name] = {"s": round(r["seconds"], 1), "cpu_s": round(r["cpu"], 1),
+                         "tok_s": round(r["tokens"] / r["seconds"], 1), "tok_per_cpu_s": round(r["tokens"] / r["cpu"], 1),
+                         "cpu_speedup": round(ref["cpu"] / r["cpu"], 2),
+                         "rouge_l": round(float(np.mean(r["rouge"])), 4),
+                         "speedup": round(ref["seconds"] / r["seconds"], 2),
+                         "identical": int(sum(a == b for a, b in zip(ref["answers"], r["answers"]))),
+                         "mean_abs_rouge_diff": round(float(np.mean(np.abs(np.subtract(ref["rouge"], r["rouge"])))), 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    ts, ls = sum(r["torch_s"] for r in rows), sum(r["llamacpp_s"] for r in rows)
-    summary = {
-        "evaluations": len(rows), "examples": sum(r["n"] for r in rows), "threads": args.threads,
-        "load_torch_s": round(load_torch, 1), "load_llamacpp_s": round(load_llama, 1),
-        "torch_s": round(ts, 1), "llamacpp_s": round(ls, 1), "speedup": round(ts / ls, 2),
-        "identical_answers": sum(r["identical_answers"] for r in rows),
-        "mean_abs_rouge_l_diff": round(float(np.mean(diffs)), 4), "max_abs_rouge_l_diff": round(float(np.max(diffs)), 4),
-        "torch_rouge_l": round(float(np.mean([r["torch_rouge_l"] for r in rows])), 4),
-        "llamacpp_rouge_l": round(float(np.mean([r["llamacpp_rouge_l"] for r in rows])), 4),
-    }
+    ref = totals[names[0]]
+    summary = {"evaluations": len(rows), "examples": len(ref["rouge"]), "load_s": load_s}
+    for name in names:
+        t = totals[name]
+        diff = np.abs(np.subtract(ref["rouge"], t["rouge"]))
+        summary[name] = {"s": round(t["seconds"], 1), "cpu_s": round(t["cpu"], 1),
+                         "tok_s": round(t["tokens"] / t["seconds"], 1), "tok_per_cpu_s": round(t["tokens"] / t["cpu"], 1),
+                         "cpu_speedup": round(ref["cpu"] / t["cpu"], 2),
+                         "s_per_eval": round(t["seconds"] / len(rows), 1), "speedup": round(ref["seconds"] / t["seconds"], 2),
+                         "rouge_l": round(float(np.mean(t["rouge"])), 4),
+                         "identical": int(sum(a == b for a, b in zip(ref["answers"], t["answers"]))),
+                         "mean_abs_rouge_diff": round(float(diff.mean()), 4), "max_abs_rouge_diff": round(float(diff.max()), 4),
+                         "rouge_diff_over_0.1": int((diff > 0.1).sum())}
     print(json.dumps(summary), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"configs": names, "rows": rows, "summary": summary}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

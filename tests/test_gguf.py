@@ -398,3 +398,12 @@ def test_eval_cli_defaults_to_llamacpp(converted, tmp_path, capfd):
     assert "backend torch" in out2
     code, out, err = _cli(argv + ["--backend", "lamacpp"], capfd)
     assert code == 2 and "unknown backend 'lamacpp'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_gguf_flag(tiny_bank, tmp_path, capfd):
+    data = make_dataset_file(tmp_path / "d.jsonl", "music", n=12)
+    code, out, err = _cli(["generate", "--bank", tiny_bank, "--dataset", data, "--out", tmp_path / "out", "--gguf"], capfd)
+    assert code == 0, err
+    fields, tensors = _read(tmp_path / "out" / "adapter.gguf")
+    assert fields["general.type"] == "adapter" and len(tensors) == 2 * 2 * 2  # 2 layers x (q, v) x (a, b)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -313,18 +313,25 @@ class MemorySampler:
 
     def __enter__(self):
         self.start = self.read()
+        self._cpu0 = self._cpu()
         self._thread.start()
         return self
+
+    @staticmethod
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
         for k, v in self.read().items():
             self.peak[k] = max(self.peak[k], v)
+        self.cpu_s = self._cpu() - self._cpu0
 
     def report(self) -> dict:
         mb = 1e6
-        return {"peak_rss_mb": max(self.peak["VmHWM"], self.peak["VmRSS"]) / mb, "peak_anon_mb": self.peak["RssAnon"] / mb,
+        return {"cpu_s": self.cpu_s, "peak_rss_mb": max(self.peak["VmHWM"], self.peak["VmRSS"]) / mb, "peak_anon_mb": self.peak["RssAnon"] / mb,
                 "peak_file_mb": self.peak["RssFile"] / mb, "start_rss_mb": self.start.get("VmRSS", 0) / mb}
 
 
@@ -434,11 +441,11 @@ def child_distances(spec: dict, method: str) -> dict:
         t1 = time.perf_counter()
         d = measure(METRIC, query, sk.counts)
         t2 = time.perf_counter()
-        stages = {"load_s": t1 - t0, f"{METRIC}_s": t2 - t1}
-        for metric in ("kl", "wd"):
-            t = time.perf_counter()
-            measure(metric, query, sk.counts)
-            stages[f"{metric}_s"] = time.perf_counter() - t
+    stages = {"load_s": t1 - t0, f"{METRIC}_s": t2 - t1}
+    for metric in ("kl", "wd"):  # for information, outside the measured step
+        t = time.perf_counter()
+        measure(metric, query, sk.counts)
+        stages[f"{metric}_s"] = time.perf_counter() - t
     return {"wall_s": t2 - t0, "stages": stages, "n_adapters": int(sk.counts.shape[0]), "finite": bool(np.isfinite(d).all()),
             **mem.report()}
 
@@ -791,7 +798,8 @@ def method_files(method: str, cache: Path, coefs: dict) -> list[Path]:
     return [cache / "adapters" / n / "adapter_model.safetensors" for n in coefs[key]]
 
 
-def run_methods(spec: dict, spec_path: Path, methods: list[str], cache_state: str, timeout: float, log) -> dict:
+def run_methods(spec: dict, spec_path: Path, methods: list[str], cache_state: str, timeout: float, log,
+                resume: bool = False) -> dict:
     """Each method in its own process, forked from a fork server that imported PRELOAD (so peak RSS
     is per method, imports are paid once and excluded from every timing)."""
     from lorablend.benchmarks import scale as module  # importable by name, also when run as __main__
@@ -800,6 +808,15 @@ def run_methods(spec: dict, spec_path: Path, methods: list[str], cache_state: st
     entry = module.run_child
     results = {}
     for i, method in enumerate(methods):
+        done = Path(spec["work"]) / f"{method}.json"
+        if resume and done.exists():
+            res = json.loads(done.read_text())
+            if "out" not in res or Path(res["out"]).exists():
+                res.setdefault("cache", "cold")
+                res["resumed"] = True
+                results[method] = res
+                log(f"[{i + 1}/{len(methods)}] {method}: kept from the interrupted run ({res['wall_s']:.2f} s)")
+                continue
         if cache_state == "cold":
             state = evict(Path(spec["cache"]))
         else:
@@ -860,19 +877,20 @@ def machine() -> dict:
 
 
 def table(results: dict, shape: Shape, spec: dict) -> list[str]:
-    rows = ["| method | what | adapters | layers timed | wall s | peak RSS MB | peak anon MB | cache | "
+    rows = ["| method | what | adapters | layers timed | wall s | CPU s | peak RSS MB | peak anon MB | cache | "
             "rel. err vs own definition | rel. err vs exact sum |",
-            "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for method, res in results.items():
         if "failed" in res:
-            rows.append(f"| {method} | {DESCRIPTION[method]} | | | failed ({res['failed']}) | | | {res['cache']} | | |")
+            rows.append(f"| {method} | {DESCRIPTION[method]} | | | failed ({res['failed']}) | | | | {res['cache']} | | |")
             continue
         layers = shape.layers
         if "modules_done" in res and res["modules_done"] < res["modules_total"]:
             layers = res["modules_done"] // 3
-        wall = f"{res['wall_s']:.2f}"
+        wall, cpu = f"{res['wall_s']:.2f}", f"{res['cpu_s']:.2f}"
         if "projected_s" in res:
             wall = f"{res['projected_s']:.1f} (projected; {res['wall_s']:.1f} measured)"
+            cpu = f"{res['cpu_s'] * res['projected_s'] / res['wall_s']:.1f} (projected)"
         extra = ""
         if method.startswith("floor"):
             extra = f" ({res['bytes'] / GB:.2f} GB at {res['gb_per_s']:.2f} GB/s)"
@@ -882,7 +900,7 @@ def table(results: dict, shape: Shape, spec: dict) -> list[str]:
             extra = " (" + ", ".join(f"{k} {v:.2f}" for k, v in res["stages"].items()) + ")"
         err = f"{res['err']:.1e}" if "err" in res else ""
         err_exact = f"{res['err_exact']:.2e}" if "err_exact" in res else ""
-        rows.append(f"| {method} | {DESCRIPTION[method]}{extra} | {res['n_adapters']} | {layers} | {wall} | "
+        rows.append(f"| {method} | {DESCRIPTION[method]}{extra} | {res['n_adapters']} | {layers} | {wall} | {cpu} | "
                     f"{res['peak_rss_mb']:.0f} | {res['peak_anon_mb']:.0f} | {res['cache']} | {err} | {err_exact} |")
     return rows
 
@@ -894,6 +912,12 @@ def result_line(n: int, results: dict) -> str:
 
     def ratio(a, b):
         return a / b if a and b else None
+
+    def cpu(m):
+        r = results.get(m, {})
+        if "cpu_s" not in r:
+            return None
+        return r["cpu_s"] * r["projected_s"] / r["wall_s"] if "projected_s" in r else r["cpu_s"]
 
     errs = [r["err"] for r in results.values() if "err" in r]
     fields = {
@@ -914,6 +938,11 @@ def result_line(n: int, results: dict) -> str:
         "pr_topk_s": t("pr-topk-svd"),
         "pr_peft_svd_ratio": ratio(t("peft-svd"), t("pr-topk-svd")),
         "pr_read_floor_ratio": ratio(t("pr-dense-paper"), t("floor-dense")),
+        "dense_cpu_s": cpu("lb-dense-paper"),
+        "topk_cpu_s": cpu("lb-topk-svd"),
+        "pr_topk_cpu_s": cpu("pr-topk-svd"),
+        "peft_svd_cpu_ratio": ratio(cpu("peft-svd"), cpu("lb-topk-svd")),
+        "pr_peft_svd_cpu_ratio": ratio(cpu("peft-svd"), cpu("pr-topk-svd")),
     }
 
     def fmt(v):
@@ -950,6 +979,8 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--timeout", type=float, default=3600, help="seconds per method")
     p.add_argument("--keep", action="store_true", help="keep the methods' output adapters (in CACHE/run)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the results of methods an interrupted run finished (CACHE/run) and run the rest")
     return p.parse_args(argv)
 
 
@@ -977,8 +1008,9 @@ def run(args, log) -> tuple[dict, str]:
     budget = min(args.stack_budget_gb * GB, 0.6 * _available_memory())
     stack_n = max(1, min(args.n, int(budget // (shape.params * 4))))
     work = cache / "run"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     spec = {"cache": str(cache), "work": str(work), "shape": asdict(shape), "top_k": top_k, "threads": args.threads,
             "io_workers": args.io_workers, "sample_layers": min(args.sample_layers, shape.layers), "stack_n": stack_n}
     spec_path = work / "spec.json"
@@ -988,7 +1020,7 @@ def run(args, log) -> tuple[dict, str]:
     log(f"methods: {', '.join(methods)}; threads {args.threads}; stacked matrix: N_s={stack_n} "
         f"({stack_n * shape.params * 4 / GB:.2f} GB of {budget / GB:.1f} GB budget)")
     load_before = machine()["load_avg"]
-    results = run_methods(spec, spec_path, methods, args.cache_state, args.timeout, log)
+    results = run_methods(spec, spec_path, methods, args.cache_state, args.timeout, log, resume=args.resume)
     results_path = work / "results.json"
     results_path.write_text(json.dumps(results))
     fork_call(ctx, module.agreement_task, str(spec_path), str(results_path))
@@ -1137,9 +1169,11 @@ class LeanReader:
         return Factors(A=A, B=B, scale=self.spec.scale(module))
 
     def release(self, module: str) -> None:
-        """Drop the module's pages from this process (they stay in the page cache)."""
-        spans = [self._tensors[f"{PREFIX}{module}.lora_{ab}.weight"]["data_offsets"] for ab in "AB"]
-        self._drop(self._base + min(s for s, _ in spans), self._base + max(e for _, e in spans))
+        """Drop this process's pages of the file up to the end of the module (they stay in the page
+        cache). From the file start, not the module start: the kernel's fault-around maps up to
+        64 KB of neighbouring cached pages on every fault, including earlier modules' pages."""
+        end = max(self._tensors[f"{PREFIX}{module}.lora_{ab}.weight"]["data_offsets"][1] for ab in "AB")
+        self._drop(0, self._base + end)
 
     def _drop(self, start: int, end: int) -> None:
         import mmap
