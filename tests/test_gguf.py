@@ -228,6 +228,10 @@ sys.path[:0] = [vendor, vendor + "/gguf-py"]
 # llama.cpp token ids, never text, so any pre-tokenizer name does.
 import conversion.base
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+# No tokenizer.model here: skip the SentencePiece attempt (it imports sentencepiece before looking).
+def _no_sentencepiece(self):
+    raise FileNotFoundError("no tokenizer.model")
+conversion.base.TextModel._set_vocab_sentencepiece = _no_sentencepiece
 for argv in (["convert_hf_to_gguf.py", base_dir, "--outfile", base_out, "--outtype", "f32"],
              ["convert_lora_to_gguf.py", "--base", base_dir, "--outfile", lora_out, "--outtype", "f32", lora_dir]):
     sys.argv = argv

@@ -1146,9 +1146,28 @@ class LeanReader:
         return out.reshape(meta["shape"])
 
     def read_flat(self, row) -> None:
-        """All tensors, in file order, into one float32 vector (the paper's flattened adapter)."""
+        """All tensors, in file order, into one float32 vector (the paper's flattened adapter).
+
+        The data section of a safetensors file is exactly that vector when every tensor is F32:
+        it is then read with one large `readinto` straight into `row` (no map, no copy)."""
+        import numpy as np
+
+        layout = self.layout()
+        spans = sorted(tuple(v["data_offsets"]) for v in self._tensors.values())
+        contiguous = spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        if contiguous and all(dtype == "F32" for _, _, dtype in layout):
+            view = memoryview(row.view(np.uint8))
+            with open(self.path, "rb", buffering=0) as fh:
+                fh.seek(self._base)
+                done = 0
+                while done < len(view):
+                    n = fh.readinto(view[done:])
+                    if not n:
+                        raise EOFError(f"{self.path}: truncated")
+                    done += n
+            return
         pos = 0
-        for key, shp, _ in self.layout():
+        for key, shp, _ in layout:
             size = math.prod(shp)
             row[pos : pos + size] = self.tensor(key).ravel()
             pos += size
