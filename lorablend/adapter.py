@@ -1,7 +1,7 @@
 """Stage 6 — adapters on disk: read bank adapters lazily, write the standard PEFT format.
 
-Reading is memory-mapped (safetensors `safe_open`) and module by module, so a
-combination streams over the bank instead of stacking it. Only plain LoRA is
+Reading is memory-mapped and module by module, so a combination streams over the
+bank instead of stacking it, and holds about one module of each adapter in memory. Only plain LoRA is
 combined exactly; DoRA and other variants are refused rather than mis-merged.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .combine import Factors
@@ -22,7 +23,8 @@ from .errors import InputError
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-_PREFIX = "base_model.model."
+PREFIX = "base_model.model."
+_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}  # safetensors dtype -> numpy, bytes
 _UNSUPPORTED = {
     "use_dora": "DoRA",
     "use_qalora": "QA-LoRA",
@@ -108,38 +110,73 @@ def read_spec(adapter_dir: str | Path) -> AdapterSpec:
 
 
 class AdapterReader:
-    """Memory-mapped access to one adapter's LoRA factors, one module at a time."""
+    """One adapter's LoRA factors, one module at a time, straight from a memory map.
+
+    Why not safetensors' `safe_open`: its tensors are views into a map of the whole file that
+    stays in the process until the reader goes, so streaming over a 500-adapter bank shows the
+    whole bank in RSS. Here float32 factors are numpy views (no copy) and `release` drops a
+    module's pages from the process once it is combined (madvise DONTNEED on a read-only file
+    map): they stay in the page cache, and RSS holds about one module of each adapter.
+    """
 
     def __init__(self, adapter_dir: str | Path):
         self.spec = read_spec(adapter_dir)
         path = Path(adapter_dir) / WEIGHTS
         if not path.exists():
             raise InputError(f"{path}: adapter weights not found; an adapter dir needs {CONFIG} and {WEIGHTS}")
-        try:
-            self._file = safe_open(str(path), framework="pt")
-            keys = list(self._file.keys())
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise InputError(f"{path}: unreadable safetensors file ({exc}); re-download or rebuild it") from None
         self.path = path
+        try:
+            with open(path, "rb") as fh:
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            (n,) = struct.unpack("<Q", self._mm[:8])
+            header = json.loads(self._mm[8 : 8 + n])
+            header.pop("__metadata__", None)
+            if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+                raise ValueError("the header is not a JSON object of tensors")
+            size = 8 + n + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+            if size > len(self._mm):
+                raise ValueError(f"truncated: {len(self._mm)} of {size} bytes")
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: unreadable safetensors file ({exc}); re-download or rebuild it") from None
+        self._base = 8 + n
+        self._tensors = header
         self.modules: list[str] = sorted(
-            k[len(_PREFIX) : -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight")
+            k[len(PREFIX) : -len(".lora_A.weight")] for k in header if k.endswith(".lora_A.weight")
         )
         if not self.modules:
             raise InputError(f"{path}: no LoRA tensors (*.lora_A.weight) found")
-        known = {f"{_PREFIX}{m}.lora_{ab}.weight" for m in self.modules for ab in "AB"}
-        extra = [k for k in keys if k not in known]
+        known = {f"{PREFIX}{m}.lora_{ab}.weight" for m in self.modules for ab in "AB"}
+        extra = [k for k in header if k not in known]
         if extra:
             raise InputError(f"{path}: unsupported tensor '{extra[0]}' (DoRA or another LoRA variant?); remove it")
-        missing = sorted(known - set(keys))
+        missing = sorted(known - set(header))
         if missing:
             raise InputError(f"{path}: '{missing[0]}' is missing (a lora_A without its lora_B); the adapter is corrupt: "
                              "rebuild it or remove it from the bank")
 
-    def factors(self, module: str) -> Factors:
-        import torch
+    def _tensor(self, key: str) -> np.ndarray:
+        """float32: a read-only view into the map for F32, a converted copy for F16 / BF16."""
+        meta = self._tensors[key]
+        if meta.get("dtype") not in _DTYPES:
+            raise InputError(f"{self.path}: tensor {key} has dtype {meta.get('dtype')}; lorablend reads F32, F16 "
+                             "and BF16 adapters: convert it")
+        np_dtype, size = _DTYPES[meta["dtype"]]
+        try:
+            shape = tuple(int(d) for d in meta["shape"])
+            start, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{self.path}: tensor {key} has no valid shape / data_offsets; re-download or rebuild it") from None
+        count = math.prod(shape)
+        if end - start != count * size or start < 0 or self._base + end > len(self._mm):
+            raise InputError(f"{self.path}: tensor {key} is truncated or has a wrong size; re-download or rebuild it")
+        raw = np.frombuffer(self._mm, dtype=np_dtype, count=count, offset=self._base + start)
+        if meta["dtype"] == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return raw.astype(np.float32, copy=False).reshape(shape)
 
-        A = self._file.get_tensor(f"{_PREFIX}{module}.lora_A.weight").to(torch.float32).numpy()
-        B = self._file.get_tensor(f"{_PREFIX}{module}.lora_B.weight").to(torch.float32).numpy()
+    def factors(self, module: str) -> Factors:
+        A = self._tensor(f"{PREFIX}{module}.lora_A.weight")
+        B = self._tensor(f"{PREFIX}{module}.lora_B.weight")
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise InputError(f"{self.path}: module {module} has inconsistent shapes A{A.shape} B{B.shape}; "
                              "the adapter is corrupt: rebuild it or remove it from the bank")
@@ -151,6 +188,14 @@ class AdapterReader:
             raise InputError(f"{self.path}: module {module} holds NaN or Inf values; the adapter is corrupt: "
                              "rebuild it or remove it from the bank")
         return Factors(A=A, B=B, scale=self.spec.scale(module))
+
+    def release(self, module: str) -> None:
+        """Drop the process's pages of the file up to the module's end (from the start, because the
+        kernel maps up to 64 KB of cached neighbours on each fault, earlier modules' pages too)."""
+        if not hasattr(self._mm, "madvise"):  # Windows: nothing to drop
+            return
+        end = self._base + max(int(self._tensors[f"{PREFIX}{module}.lora_{ab}.weight"]["data_offsets"][1]) for ab in "AB")
+        self._mm.madvise(mmap.MADV_DONTNEED, 0, min(end, len(self._mm)))
 
 
 def write_adapter(
@@ -193,7 +238,7 @@ def write_adapter(
     for m in sorted(modules):
         f = modules[m]
         for ab, arr in (("A", f.A * np.float32(f.scale) if f.scale != 1 else f.A), ("B", f.B)):
-            tensors[f"{_PREFIX}{m}.lora_{ab}.weight"] = arr
+            tensors[f"{PREFIX}{m}.lora_{ab}.weight"] = arr
     if np_dtype is None:
         _save_bf16(tensors, out_dir / WEIGHTS)
     else:

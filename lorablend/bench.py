@@ -416,6 +416,9 @@ class _CachedReader:
             self._factors[module] = self._reader.factors(module)
         return self._factors[module]
 
+    def release(self, module: str) -> None:
+        """Nothing to release: the factors stay cached for the next combination."""
+
 
 def _readers(bank: Bank) -> dict:
     key = ("readers", str(bank.root), bank.sha256)

@@ -218,7 +218,8 @@ def check_compatible(bank: Bank, readers: dict[str, AdapterReader]) -> None:
 
 
 def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], method: str, rank: int | None):
-    """Yield (module, combined Factors) for every module, reading one module of each adapter at a time."""
+    """Yield (module, combined Factors) for every module, reading one module of each adapter at a time
+    and releasing it once combined, so memory holds one module of the bank, not the bank."""
     names = [n for n, c in coefs.items() if c > 0]
     first = readers[names[0]]
     for module in first.modules:
@@ -233,9 +234,13 @@ def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], 
                 f"{common[0]} -> {common[1]}; the adapters are not for one base model: remove {odd} from the bank"
             )
         try:
-            yield module, combine(method, factors, [coefs[n] for n in names], rank)
+            out = combine(method, factors, [coefs[n] for n in names], rank)
         except ValueError as exc:
             raise InputError(f"module {module}: {exc}") from None
+        del factors
+        for n in names:
+            readers[n].release(module)
+        yield module, out
 
 
 def bank_rank(readers: dict[str, AdapterReader]) -> int:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter import _PREFIX, CONFIG, WEIGHTS, AdapterReader, read_spec
+from .adapter import PREFIX, CONFIG, WEIGHTS, AdapterReader, read_spec
 from .atomic import sha256_file
 from .bank import MANIFEST, Bank, BankEntry
 from .dataset import load_dataset
@@ -140,7 +140,7 @@ def _check_adapter(bank: Bank, entry: BankEntry, full: bool):
         with safe_open(str(weights), framework="np") as fh:
             keys = set(fh.keys())
             for module in reader.modules:
-                a_key, b_key = f"{_PREFIX}{module}.lora_A.weight", f"{_PREFIX}{module}.lora_B.weight"
+                a_key, b_key = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
                 if b_key not in keys:
                     bad.append(f"module {module} has lora_A but no lora_B")
                     continue

@@ -56,6 +56,44 @@ def test_svd_matches_dense_truncated_svd():
     assert rel(out.delta(), best_rank(exact(bank, COEFS), 6)) < 1e-5
 
 
+@pytest.mark.parametrize("d, k", [(12, 40), (40, 12)])
+def test_svd_matches_dense_truncated_svd_when_stacked_rank_exceeds_the_update(d, k):
+    """Dense coefficients over a big bank: R > min(d, k), the branch that forms the update."""
+    bank = make_bank(np.random.default_rng(5), d, k, MIXED_RANKS, MIXED_SCALES, dtype=np.float64)
+    out = combine_svd(bank, COEFS, rank=5)
+    assert out.rank == 5
+    assert rel(out.delta(), best_rank(exact(bank, COEFS), 5)) < 1e-5
+    full = combine_svd(bank, COEFS, rank=64)  # capped by min(d, k): the exact update
+    assert full.rank == min(d, k) and rel(full.delta(), exact(bank, COEFS)) < 1e-6
+
+
+@PROPS
+@given(st.integers(0, 2**32 - 1))
+def test_svd_is_the_best_rank_approximation_of_random_stacks(seed):
+    """Random shapes, ranks, scales spanning 4 decades, duplicates and all-zero adapters."""
+    rng = np.random.default_rng(seed)
+    d, k, r = (int(x) for x in rng.integers([8, 8, 1], [60, 60, 6]))
+    bank = [Factors(A=rng.standard_normal((r, k)), B=rng.standard_normal((d, r)) * 10 ** rng.uniform(-3, 1),
+                    scale=float(rng.uniform(0.5, 2))) for _ in range(int(rng.integers(1, 14)))]
+    bank += [bank[0]] if seed % 3 == 0 else []
+    bank += [Factors(A=np.zeros((r, k)), B=np.zeros((d, r)), scale=1.0)] if seed % 4 == 0 else []
+    c = rng.random(len(bank))
+    rank = int(rng.integers(1, 20))
+    M = exact(bank, c)
+    out = combine_svd(bank, c, rank=rank)
+    assert out.rank == min(rank, len(bank) * r, d, k)
+    assert np.linalg.norm(out.delta() - best_rank(M, rank)) <= 1e-5 * np.linalg.norm(M)
+
+
+def test_svd_of_duplicate_and_zero_adapters_keeps_the_requested_rank():
+    rng = np.random.default_rng(6)
+    (f,) = make_bank(rng, 30, 20, [4], dtype=np.float64)
+    zero = Factors(A=np.zeros((4, 20)), B=np.zeros((30, 4)), scale=1.0)
+    out = combine_svd([f, f, zero], [0.25, 0.25, 0.5], rank=6)
+    assert out.rank == 6  # rank 4 of signal, two zero directions
+    assert rel(out.delta(), 0.5 * f.delta()) < 1e-6
+
+
 def test_svd_is_exact_when_total_rank_fits():
     bank = make_bank(np.random.default_rng(3), 30, 25, [2, 3], [2.0, 0.5])
     out = combine_svd(bank, [0.7, 0.3], rank=8)

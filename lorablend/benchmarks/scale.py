@@ -20,11 +20,6 @@ Methods whose cost is dominated by per-module dense algebra (dense svd, PEFT svd
 run on `--sample-layers` layers and are projected linearly to all layers (marked
 "projected" in the table); every other method runs on the whole bank.
 
-The `pr-*` methods run the *proposed* core path defined at the end of this file
-(`LeanReader`, `combine_modules_prefetch`, `combine_svd_gram`): what this
-benchmark suggests `lorablend.adapter` / `lorablend.generate` / `lorablend.combine`
-should use. They are measured side by side with the current path (`lb-*`).
-
 Top-level imports are stdlib only, so `--threads` can set the BLAS thread count
 before numpy loads.
 """
@@ -53,23 +48,19 @@ METRIC, OPERATOR = "js", "normalized"
 GB = 1e9
 
 METHODS = (
-    "floor-dense", "lb-dense-paper", "pr-dense-paper",
-    "lb-dense-svd", "pr-dense-svd",
-    "floor-topk", "lb-topk-svd", "pr-topk-svd", "lb-topk-paper",
+    "floor-dense", "lb-dense-paper", "lb-dense-svd",
+    "floor-topk", "lb-topk-svd", "lb-topk-paper",
     "peft-svd", "peft-cat",
     "stack-paper",
     "distances",
 )
-SAMPLED = {"lb-dense-svd", "pr-dense-svd", "peft-svd"}  # run on --sample-layers, projected to all layers
+SAMPLED = {"lb-dense-svd", "peft-svd"}  # run on --sample-layers, projected to all layers
 DESCRIPTION = {
     "floor-dense": "read all N adapter files once (readinto, 64 MB buffer)",
     "lb-dense-paper": "lorablend generate path, dense coefficients, combine paper",
-    "pr-dense-paper": "proposed path (lean mmap reader, in-place paper), dense, paper",
     "lb-dense-svd": "lorablend generate path, dense coefficients, combine svd",
-    "pr-dense-svd": "proposed path (lean mmap reader, gram svd), dense, svd",
     "floor-topk": "read the top-k adapter files once",
     "lb-topk-svd": "lorablend generate path, top-k, combine svd",
-    "pr-topk-svd": "proposed path (lean mmap reader, gram svd), top-k, svd",
     "lb-topk-paper": "lorablend generate path, top-k, combine paper",
     "peft-svd": "PEFT add_weighted_adapter svd on the top-k (load + merge + save)",
     "peft-cat": "PEFT add_weighted_adapter cat on the top-k (load + merge + save)",
@@ -362,11 +353,10 @@ def child_lorablend(spec: dict, method: str) -> dict:
 
     from lorablend import __version__
     from lorablend.bank import Bank
-    from lorablend.generate import (Provenance, Setting, bank_rank, check_compatible, coefficient_row,
+    from lorablend.generate import (Provenance, Setting, bank_rank, coefficient_row,
                                     combine_modules, distances_to_bank, open_readers, write_output)
     from lorablend.sketch import load_sketches
 
-    proposed = method.startswith("pr-")
     top_k = spec["top_k"] if "-topk-" in method else None
     setting = Setting(sketch="tokens", metric=METRIC, operator=OPERATOR, combine=method.rsplit("-", 1)[1], top_k=top_k)
     limit = 3 * spec["sample_layers"] if method in SAMPLED and spec["sample_layers"] else None
@@ -383,18 +373,12 @@ def child_lorablend(spec: dict, method: str) -> dict:
         names = [n for n, w in coefs.items() if w > 0]
         t1 = time.perf_counter()
         stages["distances_s"] = t1 - t0
-        if proposed:
-            readers = {n: LeanReader(bank.adapter_path(bank.entry(n))) for n in names}
-            check_compatible(bank, readers)
-        else:
-            readers = open_readers(bank, names)
+        readers = open_readers(bank, names)
         total_modules = _limit_modules(readers, limit)
         rank = setting.rank or bank_rank(readers)
         t2 = time.perf_counter()
         stages["open_s"] = t2 - t1
-        stream = (combine_modules_prefetch(readers, coefs, setting.combine, rank, spec["io_workers"]) if proposed
-                  else combine_modules(readers, coefs, setting.combine, rank))
-        modules = dict(stream)
+        modules = dict(combine_modules(readers, coefs, setting.combine, rank))
         t3 = time.perf_counter()
         stages["combine_s"] = t3 - t2
         prov = Provenance(lorablend_version=__version__, dataset="synthetic-query", dataset_sha256="", bank=str(bank.root),
@@ -545,6 +529,47 @@ def child_peft(spec: dict, method: str) -> dict:
     return res
 
 
+def flat_layout(path: Path) -> tuple[list[tuple[str, tuple]], bool]:
+    """(key, shape) of a safetensors file's tensors in file order, and whether its data section
+    is already the flat float32 vector (all F32, back to back)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    ends = [0] + [v["data_offsets"][1] for _, v in items[:-1]]
+    raw = all(v["dtype"] == "F32" and v["data_offsets"][0] == e for (_, v), e in zip(items, ends))
+    return [(k, tuple(v["shape"])) for k, v in items], raw
+
+
+def read_flat(path: Path, layout: list, row) -> None:
+    """The paper's flattened adapter into `row`: an all-F32 file's data section is read straight in."""
+    import numpy as np
+
+    own, raw = flat_layout(path)
+    if own != layout:
+        raise BenchError(f"{path}: tensor layout differs from the first adapter's")
+    if not raw:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            pos = 0
+            for key, shp in layout:
+                size = math.prod(shp)
+                row[pos : pos + size] = f.get_tensor(key).float().numpy().ravel()
+                pos += size
+        return
+    with open(path, "rb", buffering=0) as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + n)
+        view, done = memoryview(row.view(np.uint8)), 0
+        while done < len(view):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise BenchError(f"{path}: truncated")
+            done += got
+
+
 def child_stack(spec: dict, method: str) -> dict:
     """The paper's computation: Theta (N_s x P, float32) holds the flattened adapters, theta = c @ Theta."""
     import numpy as np
@@ -564,19 +589,17 @@ def child_stack(spec: dict, method: str) -> dict:
         layout = None
         theta_all = None
         for i, name in enumerate(names):
-            reader = LeanReader(bank.adapter_path(bank.entry(name)))
+            path = bank.adapter_path(bank.entry(name)) / "adapter_model.safetensors"
             if layout is None:
-                layout = reader.layout()
-                P = sum(int(np.prod(shp)) for _, shp, _ in layout)
+                layout, _ = flat_layout(path)
+                P = sum(int(np.prod(shp)) for _, shp in layout)
                 theta_all = np.empty((len(names), P), dtype=np.float32)
-            elif reader.layout() != layout:
-                raise RuntimeError(f"{name}: tensor layout differs from {names[0]}")
-            reader.read_flat(theta_all[i])
+            read_flat(path, layout, theta_all[i])
         t1 = time.perf_counter()
         theta = c @ theta_all
         t2 = time.perf_counter()
         tensors, pos = {}, 0
-        for key, shp, _ in layout:
+        for key, shp in layout:
             size = int(np.prod(shp))
             tensors[key] = theta[pos : pos + size].reshape(shp)
             pos += size
@@ -593,7 +616,7 @@ def child_stack(spec: dict, method: str) -> dict:
             **mem.report()}
 
 
-CHILDREN = {"floor": child_floor, "lb": child_lorablend, "pr": child_lorablend, "peft": child_peft,
+CHILDREN = {"floor": child_floor, "lb": child_lorablend, "peft": child_peft,
             "stack": child_stack, "distances": child_distances}
 
 
@@ -766,8 +789,7 @@ def agreement(results: dict, bank, shape: Shape, sample: list[str], log) -> None
         res["err"], res["err_exact"], res["err_modules"] = max(errs), max(errs_exact), len(errs)
         log(f"agreement: {method}: {res['err']:.2e} vs its own definition, {res['err_exact']:.2e} vs the exact sum "
             f"({len(errs)} modules)")
-    pairs = [("lb-topk-svd", "peft-svd"), ("pr-topk-svd", "lb-topk-svd"), ("pr-dense-svd", "lb-dense-svd"),
-             ("pr-dense-paper", "lb-dense-paper")]
+    pairs = [("lb-topk-svd", "peft-svd")]
     for a, b in pairs:
         common = [m for (meth, m) in updates if meth == a and (b, m) in updates]
         if common:
@@ -932,17 +954,9 @@ def result_line(n: int, results: dict) -> str:
         "dist_s": t("distances"),
         "stack_n": results.get("stack-paper", {}).get("n_adapters"),
         "stack_s": t("stack-paper"),
-        "pr_dense_s": t("pr-dense-paper"),
-        "pr_dense_rss_mb": results.get("pr-dense-paper", {}).get("peak_rss_mb"),
-        "pr_dense_svd_s": t("pr-dense-svd"),
-        "pr_topk_s": t("pr-topk-svd"),
-        "pr_peft_svd_ratio": ratio(t("peft-svd"), t("pr-topk-svd")),
-        "pr_read_floor_ratio": ratio(t("pr-dense-paper"), t("floor-dense")),
         "dense_cpu_s": cpu("lb-dense-paper"),
         "topk_cpu_s": cpu("lb-topk-svd"),
-        "pr_topk_cpu_s": cpu("pr-topk-svd"),
         "peft_svd_cpu_ratio": ratio(cpu("peft-svd"), cpu("lb-topk-svd")),
-        "pr_peft_svd_cpu_ratio": ratio(cpu("peft-svd"), cpu("pr-topk-svd")),
     }
 
     def fmt(v):
@@ -969,8 +983,6 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="BLAS/torch threads per method (default 1)")
-    p.add_argument("--io-workers", type=int, default=0,
-                   help="reader threads of the proposed (pr-*) path (0: read serially, the default)")
     p.add_argument("--sample-layers", type=int, default=1,
                    help="layers run by dense svd and PEFT svd, projected to all layers (0: all)")
     p.add_argument("--stack-budget-gb", type=float, default=8.0, help="memory for the paper's stacked matrix")
@@ -985,8 +997,8 @@ def parse_args(argv):
 
 
 def run(args, log) -> tuple[dict, str]:
-    if args.io_workers < 0 or args.sample_layers < 0:
-        raise BenchError("--io-workers and --sample-layers must be >= 0")
+    if args.sample_layers < 0:
+        raise BenchError("--sample-layers must be >= 0")
     for k in ("n", "layers", "hidden", "r", "top_k", "threads", "distance_sketches"):
         if getattr(args, k) < 1:
             raise BenchError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
@@ -1001,7 +1013,7 @@ def run(args, log) -> tuple[dict, str]:
 
     ctx = fork_server()
     cache = (args.cache or default_cache(args.n, args.dtype, shape)).expanduser().resolve()
-    out_bytes = shape.params * 4 * (4 + 2 * top_k)  # lb/pr/stack outputs (rank r) + PEFT's cat (rank k*r)
+    out_bytes = shape.params * 4 * (4 + 2 * top_k)  # lb/stack outputs (rank r) + PEFT's cat (rank k*r)
     bank_spec = check_bank(cache, args.n, args.dtype, shape, args.seed, args.distance_sketches, out_bytes, log)
     if bank_spec is not None:
         fork_call(ctx, module.create_bank_task, str(cache), bank_spec)
@@ -1012,7 +1024,7 @@ def run(args, log) -> tuple[dict, str]:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     spec = {"cache": str(cache), "work": str(work), "shape": asdict(shape), "top_k": top_k, "threads": args.threads,
-            "io_workers": args.io_workers, "sample_layers": min(args.sample_layers, shape.layers), "stack_n": stack_n}
+            "sample_layers": min(args.sample_layers, shape.layers), "stack_n": stack_n}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     fork_call(ctx, module.coefficients_task, str(spec_path))
@@ -1070,304 +1082,6 @@ def main(argv=None) -> int:
         raise
     print(report, flush=True)
     return 0
-
-
-# --------------------------------------------------------------------------- #
-# Proposed for lorablend's core (measured as the pr-* methods)
-# --------------------------------------------------------------------------- #
-
-_ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
-
-
-class LeanReader:
-    """Proposed `AdapterReader`: the same interface (`spec`, `modules`, `factors`) plus `release`.
-
-    Why: `safe_open(...).get_tensor` returns views into an mmap of the whole file that stay
-    mapped until the reader is dropped, so every page a combination has touched counts in
-    the process's RSS (as RssFile): streaming over a 500-adapter bank shows the whole bank
-    in RSS. This reader also maps the file (numpy views, no copy for float32) but drops a
-    module's pages from the process with madvise(MADV_DONTNEED) once the module is combined
-    (`release`): the pages stay in the page cache, RSS holds only the current module.
-    """
-
-    def __init__(self, adapter_dir):
-        import mmap
-
-        from lorablend.adapter import WEIGHTS, read_spec
-        from lorablend.errors import InputError
-
-        self.spec = read_spec(adapter_dir)
-        self.path = Path(adapter_dir) / WEIGHTS
-        try:
-            with open(self.path, "rb") as fh:
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{self.path}: adapter weights not readable ({exc})") from None
-        try:
-            (n,) = struct.unpack("<Q", self._mm[:8])
-            header = json.loads(self._mm[8 : 8 + n])
-            header.pop("__metadata__", None)
-        except (struct.error, ValueError) as exc:
-            raise InputError(f"{self.path}: unreadable safetensors header ({exc}); re-download or rebuild it") from None
-        self._base = 8 + n
-        self._tensors = header
-        self.modules = sorted(k[len(PREFIX) : -len(".lora_A.weight")] for k in header if k.endswith(".lora_A.weight"))
-        if not self.modules:
-            raise InputError(f"{self.path}: no LoRA tensors (*.lora_A.weight) found")
-        known = {f"{PREFIX}{m}.lora_{ab}.weight" for m in self.modules for ab in "AB"}
-        extra = [k for k in header if k not in known]
-        if extra:
-            raise InputError(f"{self.path}: unsupported tensor '{extra[0]}' (DoRA or another LoRA variant?); remove it")
-
-    def layout(self) -> list[tuple[str, tuple, str]]:
-        """(key, shape, dtype) in file order."""
-        items = sorted(self._tensors.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        return [(k, tuple(v["shape"]), v["dtype"]) for k, v in items]
-
-    def tensor(self, key: str):
-        """A float32 array: a read-only view into the map for F32, a converted copy otherwise."""
-        import numpy as np
-
-        from lorablend.errors import InputError
-
-        meta = self._tensors[key]
-        if meta["dtype"] not in _ST_DTYPES:
-            raise InputError(f"{self.path}: tensor {key} has dtype {meta['dtype']}; lorablend reads F32, F16, BF16")
-        np_dtype, size = _ST_DTYPES[meta["dtype"]]
-        start, end = meta["data_offsets"]
-        count = math.prod(meta["shape"])
-        if end - start != count * size or self._base + end > len(self._mm):
-            raise InputError(f"{self.path}: tensor {key} is truncated or has a wrong size; re-download or rebuild it")
-        raw = np.frombuffer(self._mm, dtype=np_dtype, count=count, offset=self._base + start)
-        if meta["dtype"] == "BF16":
-            out = (raw.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out = raw.astype(np.float32, copy=False)
-        return out.reshape(meta["shape"])
-
-    def read_flat(self, row) -> None:
-        """All tensors, in file order, into one float32 vector (the paper's flattened adapter).
-
-        The data section of a safetensors file is exactly that vector when every tensor is F32:
-        it is then read with one large `readinto` straight into `row` (no map, no copy)."""
-        import numpy as np
-
-        layout = self.layout()
-        spans = sorted(tuple(v["data_offsets"]) for v in self._tensors.values())
-        contiguous = spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-        if contiguous and all(dtype == "F32" for _, _, dtype in layout):
-            view = memoryview(row.view(np.uint8))
-            with open(self.path, "rb", buffering=0) as fh:
-                fh.seek(self._base)
-                done = 0
-                while done < len(view):
-                    n = fh.readinto(view[done:])
-                    if not n:
-                        raise EOFError(f"{self.path}: truncated")
-                    done += n
-            return
-        pos = 0
-        for key, shp, _ in layout:
-            size = math.prod(shp)
-            row[pos : pos + size] = self.tensor(key).ravel()
-            pos += size
-        self._drop(0, len(self._mm))
-
-    def factors(self, module: str):
-        import numpy as np
-
-        from lorablend.combine import Factors
-        from lorablend.errors import InputError
-
-        A = self.tensor(f"{PREFIX}{module}.lora_A.weight")
-        B = self.tensor(f"{PREFIX}{module}.lora_B.weight")
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise InputError(f"{self.path}: module {module} has inconsistent shapes A{A.shape} B{B.shape}")
-        if not (np.isfinite(A).all() and np.isfinite(B).all()):
-            raise InputError(f"{self.path}: module {module} holds NaN or Inf values; the adapter is corrupt")
-        return Factors(A=A, B=B, scale=self.spec.scale(module))
-
-    def release(self, module: str) -> None:
-        """Drop this process's pages of the file up to the end of the module (they stay in the page
-        cache). From the file start, not the module start: the kernel's fault-around maps up to
-        64 KB of neighbouring cached pages on every fault, including earlier modules' pages."""
-        end = max(self._tensors[f"{PREFIX}{module}.lora_{ab}.weight"]["data_offsets"][1] for ab in "AB")
-        self._drop(0, self._base + end)
-
-    def _drop(self, start: int, end: int) -> None:
-        import mmap
-
-        page = mmap.PAGESIZE
-        start -= start % page
-        if end > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
-
-    def close(self) -> None:
-        try:
-            self._mm.close()
-        except BufferError:  # a caller still holds a view; the map goes with it
-            pass
-
-
-def combine_modules_prefetch(readers: dict, coefs: dict[str, float], method: str, rank: int | None, workers: int = 0):
-    """Proposed `generate.combine_modules`: the same output; svd uses `combine_svd_gram`, paper
-    `combine_paper_inplace`. With `workers` > 0, module m+1 is read by that many threads while
-    module m is combined (0, the default: read serially, as the core does now)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lorablend.combine import combine
-    from lorablend.errors import InputError
-
-    names = [n for n, c in coefs.items() if c > 0]
-    weights = [coefs[n] for n in names]
-    modules = readers[names[0]].modules
-
-    def combined(module, factors):
-        shapes = {(f.A.shape[1], f.B.shape[0]) for f in factors}
-        if len(shapes) > 1:
-            raise InputError(f"module {module}: adapters have different shapes {sorted(shapes)}; "
-                             "they are not for one base model")
-        try:
-            if method == "svd":
-                return combine_svd_gram(factors, weights, rank)
-            if method == "paper":
-                return combine_paper_inplace(factors, weights)
-            return combine(method, factors, weights, rank)
-        except ValueError as exc:
-            raise InputError(f"module {module}: {exc}") from None
-
-    def release(module):
-        for n in names:
-            if hasattr(readers[n], "release"):
-                readers[n].release(module)
-
-    if workers < 1:
-        for module in modules:
-            out = combined(module, [readers[n].factors(module) for n in names])
-            release(module)
-            yield module, out
-        return
-    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as ahead:
-        def load(module):
-            return list(pool.map(lambda n: readers[n].factors(module), names))
-
-        pending = ahead.submit(load, modules[0]) if modules else None
-        for i, module in enumerate(modules):
-            factors = pending.result()
-            pending = ahead.submit(load, modules[i + 1]) if i + 1 < len(modules) else None
-            out = combined(module, factors)
-            del factors
-            release(module)
-            yield module, out
-
-
-def combine_svd_gram(factors, coefs, rank: int):
-    """Proposed `combine.combine_svd`: the same best rank-`rank` approximation, same sign convention.
-
-    `combine_svd` orthogonalises the stacked factors with two Householder QRs (d x R and
-    k x R) and forms Q explicitly; at R = 16 x 16 = 256, d = k = 4096 that is ~0.2 s a
-    module (~14 s for Mistral's 96 modules). Here everything after the stacking is R x R:
-    with B^T B = V diag(lam) V^T, Q_b = B V diag(lam^-1/2) is an orthonormal basis of
-    B's columns and B = Q_b C_b (C_b = diag(lam^1/2) V^T); the update M = B A then has
-    Q_b^T M M^T Q_b = C_b (A A^T) C_b^T, whose top-`rank` eigenpairs (`scipy.linalg.eigh`
-    with `subset_by_index`) are M's top singular values squared and, mapped by Q_b, its
-    left singular vectors; the right factor is U^T C_b A / S. Cost: two R x R Gram
-    products and small R x R work instead of two d x R QRs. Directions with
-    lam < R eps lam_max (numerically zero: duplicate or all-zero adapters) are dropped,
-    which changes the update by less than ~1e-7 of its norm.
-
-    When R exceeds min(d, k) (dense coefficients over a large bank), the R x R Gram
-    matrices are larger than the update itself: the update M = B A is formed (d x k) and
-    its top-`rank` singular subspace taken from the smaller of M M^T / M^T M
-    (`scipy.linalg.eigh` with `subset_by_index`), not from a full SVD.
-    """
-    import numpy as np
-
-    from lorablend.combine import _out, _validate
-
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"svd rank must be an integer >= 1, got {rank!r}")
-    A, B = stack_inplace(factors, _validate(factors, coefs))  # (R, k), (d, R), float64
-    R, d, k = A.shape[0], B.shape[0], A.shape[1]
-    if R > min(d, k):
-        from scipy.linalg import eigh
-
-        M = B @ A
-        left_side = d <= k
-        G = M @ M.T if left_side else M.T @ M
-        r = min(int(rank), len(G))
-        lam, V = eigh(G, subset_by_index=[len(G) - r, len(G) - 1])
-        V, S = V[:, ::-1], np.sqrt(np.maximum(lam[::-1], 0.0))
-        if left_side:
-            left = V
-            right = np.divide(V.T @ M, S[:, None], out=np.zeros((r, k)), where=S[:, None] > 0)
-        else:
-            left = np.divide(M @ V, S[None, :], out=np.zeros((d, r)), where=S[None, :] > 0)
-            right = V.T
-    else:
-        from scipy.linalg import eigh
-
-        lam, V = np.linalg.eigh(B.T @ B)
-        keep = lam > max(lam[-1], 0.0) * R * np.finfo(np.float64).eps
-        lam, V = lam[keep], V[:, keep]
-        r = min(int(rank), R, d, k)  # the output rank combine_svd gives
-        if not len(lam):
-            return _out(np.zeros((r, k)), np.zeros((d, r)))
-        root = np.sqrt(lam)
-        Cb = root[:, None] * V.T  # B = Q_b Cb with Q_b = B V diag(1/root) orthonormal
-        K = Cb @ (A @ A.T) @ Cb.T  # Q_b^T M M^T Q_b: its eigenpairs are M's left singular pairs
-        m = min(r, len(K))  # beyond the numerical rank: zero singular values, padded below
-        s2, U = eigh(K, subset_by_index=[len(K) - m, len(K) - 1])
-        U, S = U[:, ::-1], np.sqrt(np.maximum(s2[::-1], 0.0))
-        left, right = np.zeros((d, r)), np.zeros((r, k))
-        left[:, :m] = B @ ((V / root[None, :]) @ U)
-        np.divide((U.T @ Cb) @ A, S[:, None], out=right[:m], where=S[:, None] > 0)
-        S = np.concatenate([S, np.zeros(r - m)])
-    sign = np.where(left[np.argmax(np.abs(left), axis=0), np.arange(left.shape[1])] < 0, -1.0, 1.0)
-    root = np.sqrt(S)
-    return _out((sign * root)[:, None] * right, left * (sign * root))
-
-
-def stack_inplace(factors, c):
-    """`combine._stack`, bit for bit, written into two preallocated float64 arrays
-    (no per-adapter float64 temporaries: at 16 x 4096 x 16 those cost as much as the algebra)."""
-    import numpy as np
-
-    used = [(f, ci * f.scale) for f, ci in zip(factors, c) if ci > 0]
-    R = sum(f.rank for f, _ in used)
-    A = np.empty((R, used[0][0].A.shape[1]))
-    B = np.empty((used[0][0].B.shape[0], R))
-    pos = 0
-    for f, w in used:
-        a, b = A[pos : pos + f.rank], B[:, pos : pos + f.rank]
-        a[...] = f.A
-        a *= np.sign(w) * np.sqrt(abs(w))
-        b[...] = f.B
-        b *= np.sqrt(abs(w))
-        pos += f.rank
-    return A, B
-
-
-def combine_paper_inplace(factors, coefs):
-    """`combine.combine_paper`, bit for bit, accumulated in place (same order of float64 operations)."""
-    import numpy as np
-
-    from lorablend.combine import _out, _validate
-
-    c = _validate(factors, coefs)
-    used = [(f, ci) for f, ci in zip(factors, c) if ci > 0]
-    if len({f.rank for f, _ in used}) > 1:
-        raise ValueError("paper combine needs equal ranks; use 'svd' or 'cat'")
-    A, B = np.zeros(used[0][0].A.shape), np.zeros(used[0][0].B.shape)
-    tA, tB = np.empty_like(A), np.empty_like(B)
-    for f, ci in used:
-        tA[...] = f.A
-        tA *= ci
-        A += tA
-        tB[...] = f.B
-        tB *= ci * f.scale
-        B += tB
-    return _out(A, B)
 
 
 if __name__ == "__main__":
