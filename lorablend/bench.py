@@ -4,9 +4,36 @@ For every bank entry i, adapters are built from the other entries (holdout `entr
 or from the entries outside i's family (holdout `family`) and scored on a fixed,
 seeded sample of i's test split, next to controls on the same examples: the base
 model, i's own adapter, the uniform average of the others, k random others (for
-settings with a top-k) and the single nearest other by the setting's distance.
+settings with a top-k), the single nearest other by the setting's distance and, when a
+setting uses the model, the single other with the lowest ce (`best-ce`).
 
-What keeps ~4000 records within two hours on two cores:
+Setting labels (stable: they name the records on disk and the rows of the report):
+`sketch/metric/operator/combine[/T<t>][/top<k>][/rerank<m>][/r<rank>]`, with `auto` in
+place of T and top to calibrate them on the bank. sketch: tokens | embeddings |
+target-tokens | target-embeddings; metric: wd | kl | js | mmd, or ce (the base model's
+target cross-entropy with each candidate alone minus without, on the entry's first
+CE_EXAMPLES train examples; the sketch is then unused); operator: attentional | normalized
+| neural, or fit (Nelder–Mead on the weights of the top-m candidates, m = rerank or top-k
+or 16, started from their softmin, 40 forward passes, seed 0); `rerank<m>`: keep the m
+nearest by the sketch distance, then rank them by ce (with `auto`, T and top-k are
+calibrated on the sketch distance and applied to the reranked ce).
+
+Model-based settings (ce, rerank, fit) cost forward passes of the base model over k = 16
+train examples, never the test split. A candidate's ce does not depend on the others, so
+each entry gets one ce row over every other entry, computed once, cached in RESULTS/ce/
+(keyed by bank and k) and sliced for ce, rerank, best-ce and both holdouts; only fit runs
+passes of its own (one fit per entry and holdout). Every record carries `cost_s`, what
+`generate` would spend on that adapter after loading the model and sketching the query:
+candidates × the entry's measured seconds per ce pass, plus the fit's time, plus the
+combination. On SmolLM2 a ce candidate costs one bf16 pass over the k examples, ~400
+tokens per CPU-second: measured 6.6 CPU-s (qasc, 2,500 padded tokens) to 10.8 CPU-s
+(quoref, 4,700); the default bank's tasks average 3,900 tokens, ~9 CPU-s. Per entry of
+the 61-entry bank the ce row (61 passes) is ~9 CPU-min and the fit setting (2 holdouts ×
+40 passes) ~12 CPU-min, so the model-based settings add ~21 CPU-hours (~11 h on 2 cores
+with --jobs 2) to the ~2 h of the others: they form their own preset, `labelled`, outside
+the default run (figures measured at load 5-12 on 2 cores).
+
+What keeps ~4000 distributional records within two hours on two cores:
 - Distance rows and Gram matrices are computed once per (sketch, metric) and per
   space, then sliced; the neural operator and calibrated (T, k) are refitted per
   (entry, holdout) from those, without the entry (and without its family).
@@ -30,6 +57,7 @@ import random
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,24 +66,36 @@ import numpy as np
 from .atomic import write_json
 from .bank import Bank
 from .errors import InputError
-from .generate import Setting, coefficient_row, exclusions, open_readers
+from .ce import CE_EXAMPLES
+from .generate import Setting, coefficient_row, exclusions, mixture_scorer, open_readers
 
 HOLDOUTS = ("entry", "family")
 _PAPER_METRICS = ("wd", "kl", "js", "mmd")
 PRESETS = {
     # the paper's 12: its sketch, metrics, operators and inexact combination, no temperature
     "paper": tuple(f"tokens/{m}/{op}/paper/T1" for m in _PAPER_METRICS for op in ("attentional", "normalized", "neural")),
-    # lorablend's candidates: embedding clouds, exact truncated combination, (T, k) calibrated on the bank
-    "best": tuple(f"embeddings/{m}/normalized/svd/auto" for m in _PAPER_METRICS),
+    # lorablend's candidates: embedding clouds, exact truncated combination, (T, k) calibrated on the bank;
+    # an output-side sketch
+    "best": tuple(f"embeddings/{m}/normalized/svd/auto" for m in _PAPER_METRICS) + (
+        "target-tokens/js/normalized/svd/auto",
+    ),
+    # the model-based steps on 16 labelled train examples (T1/top8 for ce chosen a priori, not on results).
+    # Not a default preset: on SmolLM2 they cost ~21 CPU-hours over 61 entries x 2 holdouts, beyond the
+    # 2-hour budget of the default run; run them with `--preset labelled` (resumable, `--jobs`, Ray).
+    "labelled": (
+        "embeddings/js/normalized/svd/auto/rerank16",
+        "tokens/ce/normalized/svd/T1/top8",
+        "embeddings/js/fit/svd/T1/rerank16",
+    ),
     # the paper's best setting next to lorablend's, for a look in ~12 minutes
     "quick": ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto"),
 }
 DEFAULT_PRESETS = ("paper", "best")
-DEFAULT_N = 3  # chosen so that both presets, both holdouts, 61 entries fit in ~2 h on 2 cores
+DEFAULT_N = 3  # chosen so that the distributional settings of both presets, both holdouts, 61 entries fit in ~2 h on 2 cores
 DEFAULT_MAX_NEW_TOKENS = 32
 QUICK_N = 15  # the quick preset: one entry per family (10 on the default bank), holdout entry
 PRUNE = 1e-6
-CONTROLS = ("base", "own", "uniform", "random-k", "nearest")
+CONTROLS = ("base", "own", "uniform", "random-k", "nearest", "best-ce")
 
 
 # --------------------------------------------------------------------------- #
@@ -74,7 +114,7 @@ class Spec:
     def label(self) -> str:
         s = self.setting
         head = "/".join([s.sketch, s.metric, s.operator, s.combine, "auto"]) if self.auto else s.label
-        return head + (f"/r{s.rank}" if s.rank else "")
+        return head + (f"/rerank{s.rerank}" if self.auto and s.rerank else "") + (f"/r{s.rank}" if s.rank else "")
 
     @property
     def space(self) -> str:
@@ -87,11 +127,12 @@ class Spec:
 
 
 def parse_setting(text: str) -> Spec:
-    """`sketch/metric/operator/combine[/T<t>][/top<k>][/r<rank>]`, or `.../auto` to calibrate T and top-k."""
+    """`sketch/metric/operator/combine[/T<t>][/top<k>][/rerank<m>][/r<rank>]`, `auto` in place of T and top
+    to calibrate them; the module docstring lists what each part means."""
     parts = [p for p in text.strip().split("/") if p]
     if len(parts) < 4:
-        raise InputError(f"setting '{text}': expected sketch/metric/operator/combine[/T1][/top8][/r8] or .../auto, "
-                         "e.g. tokens/js/normalized/svd/T1/top8")
+        raise InputError(f"setting '{text}': expected sketch/metric/operator/combine[/T1][/top8][/rerank16][/r8] or "
+                         ".../auto, e.g. tokens/js/normalized/svd/T1/top8")
     sketch, metric, operator, combine, *rest = parts
     kw, auto = {}, False
     for p in rest:
@@ -100,6 +141,8 @@ def parse_setting(text: str) -> Spec:
                 auto = True
             elif p.startswith("top"):
                 kw["top_k"] = int(p[3:])
+            elif p.startswith("rerank"):
+                kw["rerank"] = int(p[6:])
             elif p.startswith("T"):
                 kw["temperature"] = float(p[1:])
             elif p.startswith("r") and p[1:].isdigit():
@@ -107,14 +150,16 @@ def parse_setting(text: str) -> Spec:
             else:
                 raise ValueError(p)
         except ValueError:
-            raise InputError(f"setting '{text}': cannot read '{p}' (use T<temperature>, top<k>, r<rank> or auto)") from None
+            raise InputError(f"setting '{text}': cannot read '{p}' (use T<temperature>, top<k>, rerank<m>, r<rank> "
+                             "or auto)") from None
     if auto and ({"temperature", "top_k"} & set(kw) or operator not in ("attentional", "normalized")):
         raise InputError(f"setting '{text}': auto calibrates T and top-k for the attentional or normalized operator; "
                          "drop T/top or auto")
+    if auto and metric == "ce":
+        raise InputError(f"setting '{text}': auto calibrates on the bank's distance matrix, which metric ce does not "
+                         "have; give T and top instead")
     spec = Spec(Setting(sketch, metric, operator, combine, **kw), auto)
     spec.setting.check()
-    if spec.setting.uses_model:
-        raise InputError(f"setting '{text}': the bench supports distributional settings only (not ce, fit or rerank)")
     return spec
 
 
@@ -157,24 +202,31 @@ class Slot:
     spec: Spec | None = None  # the setting, or the setting a random-k control is paired with
     combine: str | None = None
     rank: int | None = None
-    sketch_metric: tuple[str, str] | None = None  # nearest: whose distance
+    sketch_metric: tuple[str, str] | None = None  # nearest: whose distance; best-ce: ("", "ce")
 
 
 def uniform_label(combine: str, rank: int | None) -> str:
     return f"uniform/{combine}" + (f"/r{rank}" if rank else "")
 
 
+def distributional(specs: list[Spec]) -> list[tuple[str, str]]:
+    """The (sketch, metric) pairs with a distance matrix: every metric but ce (whose nearest is best-ce)."""
+    return list(dict.fromkeys((s.setting.sketch, s.setting.metric) for s in specs if s.setting.metric != "ce"))
+
+
 def slots_for(specs: list[Spec], holdouts: tuple[str, ...]) -> list[Slot]:
     """Every record of one entry, known before any coefficient is computed (so resumption can count)."""
     slots = [Slot("-", "base", "base"), Slot("-", "own", "own")]
     combos = list(dict.fromkeys((s.setting.combine, s.setting.rank) for s in specs))
-    dists = list(dict.fromkeys((s.setting.sketch, s.setting.metric) for s in specs))
+    dists = distributional(specs)
+    model_based = any(s.setting.uses_model for s in specs)
     for h in holdouts:
         slots += [Slot(h, s.label, "", s, s.setting.combine, s.setting.rank) for s in specs]
         slots += [Slot(h, uniform_label(c, r), "uniform", None, c, r) for c, r in combos]
         slots += [Slot(h, f"random-k/{s.label}", "random-k", s, s.setting.combine, s.setting.rank)
                   for s in specs if s.has_top_k]
         slots += [Slot(h, f"nearest/{sk}/{m}", "nearest", sketch_metric=(sk, m)) for sk, m in dists]
+        slots += [Slot(h, "best-ce", "best-ce", sketch_metric=("", "ce"))] if model_based else []
     return slots
 
 
@@ -189,9 +241,8 @@ class Matrices:
 def needed(specs: list[Spec]) -> tuple[list[tuple[str, str]], list[str]]:
     """The (sketch, metric) pairs whose distances the settings and nearest controls use, and the Gram
     spaces the neural fits and calibrations need."""
-    dists = list(dict.fromkeys((s.setting.sketch, s.setting.metric) for s in specs))
     spaces = list(dict.fromkeys(s.space for s in specs if s.auto or s.setting.operator == "neural"))
-    return dists, spaces
+    return distributional(specs), spaces
 
 
 def compute_matrices(bank: Bank, specs: list[Spec], cache: Path, seed: int, status=None) -> Matrices:
@@ -243,12 +294,14 @@ def eval_key(c: np.ndarray | None, combine: str | None, rank: int | None, names:
 
 
 class EntryPlan:
-    """Coefficients of every slot of one entry; fits (neural, calibration) are cached per holdout."""
+    """Coefficients of every slot of one entry; fits (neural, calibration) are cached per holdout, the
+    entry's ce row in `ce_dir` (RESULTS/ce/)."""
 
-    def __init__(self, bank: Bank, name: str, dataset, matrices: Matrices, seed: int = 0,
+    def __init__(self, bank: Bank, name: str, dataset, matrices: Matrices, ce_dir: Path, seed: int = 0,
                  neural_hidden: int = 64, neural_epochs: int = 40):
         self.bank, self.name, self.dataset, self.m, self.seed = bank, name, dataset, matrices, seed
         self.i = bank.names.index(name)
+        self.ce_dir = Path(ce_dir)
         self.neural_hidden, self.neural_epochs = neural_hidden, neural_epochs
         self._fits: dict = {}
 
@@ -292,13 +345,33 @@ class EntryPlan:
 
     def concrete(self, holdout: str, spec: Spec) -> Setting:
         """The setting as run for this entry: calibrated (T, k) for `auto`, k capped at the candidates left
-        (a family holdout can leave fewer than k)."""
+        (a family holdout can leave fewer than k; a rerank keeps m)."""
         s = spec.setting
         if spec.auto:
             cal = self.calibration(holdout, spec)
             s = replace(s, temperature=cal.temperature, top_k=cal.top_k)
-        left = len(self.usable(holdout))
+        left = min(len(self.usable(holdout)), s.rerank or len(self.bank.names))
         return replace(s, top_k=left) if s.top_k is not None and s.top_k > left else s
+
+    def ce(self) -> tuple[dict[str, float], float]:
+        """ce of every adapter usable under holdout entry (name -> value) and the wall seconds it took per
+        candidate. A candidate's ce does not depend on the others, so the row is computed once per entry,
+        cached in RESULTS/ce/ (keyed by bank and k) and sliced by every setting, control and holdout."""
+        if "ce" not in self._fits:
+            path = self.ce_dir / f"{self.name}.k{CE_EXAMPLES}.{self.bank.sha256[:16]}.json"
+            if not path.exists():
+                names = [self.bank.names[j] for j in self.usable("entry")]
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                row = with_scorer(self.bank, names, self.dataset, lambda scorer: scorer.ce_row())
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                import torch
+
+                write_json(path, {"entry": self.name, "k": CE_EXAMPLES, "bank_manifest_sha256": self.bank.sha256,
+                                  "names": names, "ce": row.tolist(), "seconds_per_candidate": wall / len(names),
+                                  "cpu_seconds_per_candidate": cpu / len(names), "threads": torch.get_num_threads()})
+            got = json.loads(path.read_text(encoding="utf-8"))
+            self._fits["ce"] = dict(zip(got["names"], got["ce"])), got["seconds_per_candidate"]
+        return self._fits["ce"]
 
     def coefficients(self, slot: Slot) -> tuple[np.ndarray | None, dict]:
         """The slot's coefficient vector (None: base model) and what to record about how it was made."""
@@ -316,6 +389,10 @@ class EntryPlan:
         if slot.control == "nearest":
             d = self.m.D[slot.sketch_metric]
             return one_hot(n, min(usable, key=lambda j: (d[self.i, j], j))), info
+        if slot.control == "best-ce":
+            ce, per_candidate = self.ce()
+            info["model_s"] = per_candidate * len(usable)
+            return one_hot(n, min(usable, key=lambda j: (ce[self.bank.names[j]], j))), info
         setting = self.concrete(h, slot.spec)
         info.update(temperature=setting.temperature, top_k=setting.top_k)
         if slot.control == "random-k":
@@ -323,8 +400,16 @@ class EntryPlan:
         neural = None
         if setting.operator == "neural":
             neural, info["neural_trained_on"] = self.neural(h, slot.spec)
-        d = self.m.D[(setting.sketch, setting.metric)][self.i]
-        return prune(coefficient_row(self.bank, setting, d, info["excluded"], neural=neural)), info
+        d = self.m.D[(setting.sketch, setting.metric)][self.i] if setting.metric != "ce" else np.zeros(n)
+        scorers: list[SlicedScorer] = []
+
+        def make_scorer(names: list[str]) -> SlicedScorer:
+            scorers.append(SlicedScorer(self, names))
+            return scorers[-1]
+
+        c = coefficient_row(self.bank, setting, d, info["excluded"], neural=neural, make_scorer=make_scorer)
+        info["model_s"] = sum(sc.seconds for sc in scorers)
+        return prune(c), info
 
     def random_k(self, usable: list[int], k: int | None) -> np.ndarray:
         """k random usable entries, uniform weights, seeded by (seed, entry, k); all of them when k is None."""
@@ -332,6 +417,40 @@ class EntryPlan:
         c = np.zeros(len(self.bank.names))
         c[pick] = 1.0 / len(pick)
         return c
+
+
+class SlicedScorer:
+    """What `coefficient_row` asks of a MixtureScorer, for the bench: ce values sliced from the entry's
+    cached row, fits run for real on the worker's model. `seconds` is what `generate` would spend: the
+    measured seconds per ce candidate times the candidates, plus the fit's measured time."""
+
+    def __init__(self, plan: EntryPlan, names: list[str]):
+        self.plan, self.names, self.seconds = plan, names, 0.0
+
+    def ce_row(self) -> np.ndarray:
+        ce, per_candidate = self.plan.ce()
+        self.seconds += per_candidate * len(self.names)
+        return np.array([ce[n] for n in self.names])
+
+    def fit(self, init: np.ndarray, **kw) -> np.ndarray:
+        t0 = time.perf_counter()
+        w = with_scorer(self.plan.bank, self.names, self.plan.dataset, lambda scorer: scorer.fit(init, **kw))
+        self.seconds += time.perf_counter() - t0
+        return w
+
+    def close(self) -> None:
+        """Nothing to release: `with_scorer` removes its hooks."""
+
+
+def with_scorer(bank: Bank, names: list[str], dataset, use):
+    """`use(MixtureScorer)` over these candidates and the first CE_EXAMPLES train examples, on the worker's
+    base model with cached bank factors; the scorer's hooks are removed afterwards."""
+    with scoring_model(bank.manifest.base_model) as model:
+        scorer = mixture_scorer(bank, names, dataset, CE_EXAMPLES, model=model, readers=_readers(bank))
+        try:
+            return use(scorer)
+        finally:
+            scorer.close()
 
 
 # --------------------------------------------------------------------------- #
@@ -477,6 +596,22 @@ class SlotModel:
                 B[:, : f.rank] = torch.from_numpy(np.asarray(f.B, dtype=np.float32))
 
 
+@contextmanager
+def scoring_model(model_id: str):
+    """The worker's base model without LoRA updates, for MixtureScorer hooks: the slot model's own under
+    `disable_adapter` (no second copy in memory, same weights), else the plain model a SlotModel will wrap."""
+    current = _WORKER.get("slots")
+    if current is not None and current.model_id == model_id:
+        with current.model.disable_adapter():
+            yield current.model.base_model.model
+        return
+    if _WORKER.get("base_model_id") != model_id:
+        from .models import load_model
+
+        _WORKER.update(base_model=load_model(model_id), base_model_id=model_id)
+    yield _WORKER["base_model"]
+
+
 def slot_model(model_id: str, modules: list[str], slots: int, rank: int) -> SlotModel:
     """The worker's SlotModel, rebuilt (base model kept) only when more slots or a higher rank are needed."""
     current = _WORKER.get("slots")
@@ -501,12 +636,15 @@ def run_entry(job: EntryJob, on_record=None) -> int:
         return 0
     entry = bank.entry(job.entry)
     dataset = load_dataset(bank.dataset_path(entry), name=entry.name)
-    plan = EntryPlan(bank, entry.name, dataset, job.matrices, job.seed, job.neural_hidden, job.neural_epochs)
+    plan = EntryPlan(bank, entry.name, dataset, job.matrices, Path(job.results) / "ce", job.seed, job.neural_hidden,
+                     job.neural_epochs)
     items = []
     for slot in slots:
         c, info = plan.coefficients(slot)
         items.append((slot, c, info, eval_key(c, slot.combine, slot.rank, bank.names)))
-    evaluator = EntryEvaluator(bank, entry, dataset, job, {r["eval_key"]: r for r in done.values()})
+    # per evaluation, the record that was charged its cost (the largest seconds_adapter): cost_s reads it
+    charged = sorted(done.values(), key=lambda r: r["seconds_adapter"])
+    evaluator = EntryEvaluator(bank, entry, dataset, job, {r["eval_key"]: r for r in charged})
     return evaluator.run(items, store, on_record)
 
 
@@ -561,15 +699,17 @@ class EntryEvaluator:
 
         t0 = time.perf_counter()
         adapters = {k: self.factors(k, recipes[k]) for k in keys if k != "base"}
+        combining = time.perf_counter() - t0
         readers = _readers(self.bank)
         modules = next(iter(readers.values())).modules
         rank = max([f.rank for a in adapters.values() for f in a.values()] or [1])
         sm = slot_model(self.bank.manifest.base_model, modules, self.per_chunk, rank)
         slot_of = {}
+        t0 = time.perf_counter()  # the slot model's first build (a model load) is no adapter's cost
         for j, (k, a) in enumerate(adapters.items()):
             sm.fill(j, a)
             slot_of[k] = sm.names[j]
-        build = (time.perf_counter() - t0) / max(1, len(adapters))
+        build = (combining + time.perf_counter() - t0) / max(1, len(adapters))
         rows = [(k, e) for k in keys for e in self.examples]
         t0 = time.perf_counter()
         answers = generate_answers(sm.model, self.tokenizer, [e for _, e in rows], max_new_tokens=self.budget,
@@ -581,7 +721,9 @@ class EntryEvaluator:
                                "seconds_generate": round(share, 3), "seconds_adapter": round(build if key != "base" else 0.0, 3)}
 
     def record(self, slot: Slot, c, info: dict, key: str) -> dict:
-        """The record of one slot. An evaluation's cost is charged to the first record that uses it."""
+        """The record of one slot. An evaluation's cost is charged to the first record that uses it; cost_s,
+        what `generate` would spend on this adapter (forward passes for ce/rerank/fit, then the combination),
+        is in every record but the base model's."""
         ev = self.known[key]
         fresh = key not in self._charged
         self._charged.add(key)
@@ -595,7 +737,7 @@ class EntryEvaluator:
             "metric": metric, "combine": slot.combine or "", "rank": slot.rank,
             "temperature": info.get("temperature"), "top_k": info.get("top_k"), "eval_key": key,
             "max_new_tokens": self.budget, **{k: ev[k] for k in ("rouge_l", "rouge_lsum", "exact_match", "n", "answers")},
-            **cost,
+            **cost, "cost_s": None if c is None else round(info.get("model_s", 0.0) + ev["seconds_adapter"], 3),
             "coefficients": {} if c is None else {n: float(w) for n, w in zip(self.bank.names, c) if w > 0},
             "excluded": info.get("excluded", []), "neural_trained_on": info.get("neural_trained_on"),
         }
@@ -821,7 +963,7 @@ def _execute_ray(jobs: list[EntryJob], cfg: BenchConfig, threads: int, store: Re
 
 CSV_COLUMNS = ("entry", "family", "holdout", "label", "setting", "control", "sketch", "metric", "combine", "rank",
                "temperature", "top_k", "rouge_l", "rouge_lsum", "exact_match", "n", "max_new_tokens",
-               "seconds_generate", "seconds_adapter", "reused", "eval_key")
+               "seconds_generate", "seconds_adapter", "reused", "cost_s", "eval_key")
 
 
 def export(store: RecordStore, results: Path) -> Path:

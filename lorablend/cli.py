@@ -268,12 +268,14 @@ def bench_cmd(
     results: Path = typer.Option(Path("bench-results"), help="Results dir: one record per score (a rerun resumes), "
                                  "scores.csv, coefficients.json, run.json."),
     report: Path = typer.Option(Path("docs/RESULTS.md"), help="Markdown report to write (two PNGs beside it)."),
-    preset: List[str] = typer.Option([], help="paper (the paper's 12 settings) | best (lorablend's) | quick; "
+    preset: List[str] = typer.Option([], help="paper (the paper's 12 settings) | best (lorablend's) | labelled (ce, rerank, fit: slow) | quick; "
                                      "repeatable. Default: paper and best (unless --settings is given)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset: 2 settings, one entry per family, holdout "
                                "entry, 15 examples (~12 min on the 61-entry default bank, 2 cores)."),
-    settings: List[str] = typer.Option([], "--settings", help="A setting such as tokens/js/normalized/svd/T1/top8, or "
-                                       "embeddings/js/normalized/svd/auto (T and top-k calibrated on the bank); repeatable."),
+    settings: List[str] = typer.Option([], "--settings", help="A setting such as tokens/js/normalized/svd/T1/top8, "
+                                       "embeddings/js/normalized/svd/auto (T and top-k calibrated on the bank), "
+                                       ".../auto/rerank16, tokens/ce/normalized/svd/T1/top8 or embeddings/js/fit/svd/T1/rerank16 "
+                                       "(these score candidates with the model); repeatable."),
     entries: List[str] = typer.Option([], help="Score only these bank entries (repeatable or comma-separated)."),
     holdout: List[str] = typer.Option([], help="entry (leave one out) | family (leave its family out); repeatable. "
                                       "Default: both (quick: entry)."),

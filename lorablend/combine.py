@@ -104,12 +104,8 @@ def combine_paper(factors: Sequence[Factors], coefs) -> Factors:
     A, B = np.zeros(used[0][0].A.shape), np.zeros(used[0][0].B.shape)
     tA, tB = np.empty_like(A), np.empty_like(B)  # accumulated in place: no temporaries per adapter
     for f, ci in used:
-        tA[...] = f.A
-        tA *= ci
-        A += tA
-        tB[...] = f.B
-        tB *= ci * f.scale
-        B += tB
+        A += np.multiply(f.A, ci, out=tA)  # ci is float64: the product is taken in float64
+        B += np.multiply(f.B, ci * f.scale, out=tB)
     return _out(A, B)
 
 

@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -150,24 +151,28 @@ def meta_path(bank: Bank, sketch: str, metric: str) -> Path:
 
 
 def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[str],
-                    dataset: Dataset | None = None, neural: NeuralOperator | None = None) -> np.ndarray:
+                    dataset: Dataset | None = None, neural: NeuralOperator | None = None,
+                    make_scorer=None) -> np.ndarray:
     """Distances → coefficients, with the model-based steps (ce, rerank, fit) when the setting asks.
 
-    `neural` replaces the operator stored in the index: `lorablend bench` fits one per held-out
-    entry, so that it is never scored on an entry it was trained on."""
+    `neural` replaces the operator stored in the index, and `make_scorer(names)` the MixtureScorer
+    over those candidates: `lorablend bench` fits one operator per held-out entry (never scored on an
+    entry it was trained on) and slices ce values it computed once per entry."""
     d = np.where(np.isin(bank.names, excluded), np.inf, np.asarray(d, dtype=np.float64))
     if not setting.uses_model:
         if setting.operator == "neural" and neural is None:
             neural = NeuralOperator.load(meta_path(bank, setting.sketch, setting.metric))
         return coefficients(d, setting.operator, setting.temperature, setting.top_k, neural)
-    if dataset is None:
-        raise InputError(f"metric ce, --rerank and operator fit need the dataset's labelled examples")
+    if make_scorer is None:
+        if dataset is None:
+            raise InputError("metric ce, --rerank and operator fit need the dataset's labelled examples")
+        make_scorer = partial(mixture_scorer, bank, dataset=dataset, k=setting.ce_examples)
     if setting.metric == "ce":
         candidates = np.flatnonzero(np.isfinite(d))
     else:
         m = setting.rerank or setting.top_k or FIT_CANDIDATES
         candidates = np.flatnonzero(np.isfinite(keep_top_k(d, min(m, int(np.isfinite(d).sum())))))
-    scorer = mixture_scorer(bank, [bank.names[i] for i in candidates], dataset, setting.ce_examples)
+    scorer = make_scorer([bank.names[i] for i in candidates])
     try:
         if setting.metric == "ce" or setting.rerank:
             d = np.full_like(d, np.inf)
@@ -182,13 +187,16 @@ def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[
         scorer.close()
 
 
-def mixture_scorer(bank: Bank, names: list[str], dataset: Dataset, k: int) -> MixtureScorer:
+def mixture_scorer(bank: Bank, names: list[str], dataset: Dataset, k: int, *, model=None,
+                   readers: dict | None = None) -> MixtureScorer:
+    """A scorer of these candidates on the first k train examples (never another split). `model` and
+    `readers` let a caller that scores many datasets (the bench) load the base model and bank once."""
     from .models import load_model, load_tokenizer
 
     examples = dataset.split("train")[:k]
-    readers = list(open_readers(bank, names).values())
-    model = load_model(bank.manifest.base_model)
-    return MixtureScorer(model, load_tokenizer(bank.manifest.base_model), readers, examples)
+    readers = open_readers(bank, names) if readers is None else readers
+    model = load_model(bank.manifest.base_model) if model is None else model
+    return MixtureScorer(model, load_tokenizer(bank.manifest.base_model), [readers[n] for n in names], examples)
 
 
 # --------------------------------------------------------------------------- #
@@ -217,12 +225,25 @@ def check_compatible(bank: Bank, readers: dict[str, AdapterReader]) -> None:
             )
 
 
-def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], method: str, rank: int | None):
-    """Yield (module, combined Factors) for every module, reading one module of each adapter at a time
-    and releasing it once combined, so memory holds one module of the bank, not the bank."""
+def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], method: str, rank: int | None,
+                    threads: int | None = None):
+    """Yield (module, combined Factors) for every module, in order.
+
+    Each module is read from every adapter with a nonzero coefficient, combined, and its
+    pages released, so memory holds a few modules of the bank, never the bank. `threads`
+    modules (default: the usable cores) are combined at once, each with single-threaded BLAS:
+    numpy and LAPACK release the GIL, and multi-threaded BLAS spins at barriers, which made
+    an svd combination 6x slower beside one other busy process (docs/PERFORMANCE.md).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
     names = [n for n, c in coefs.items() if c > 0]
-    first = readers[names[0]]
-    for module in first.modules:
+    weights = [coefs[n] for n in names]
+    modules = readers[names[0]].modules
+
+    def one(module: str) -> Factors:
         factors = [readers[n].factors(module) for n in names]
         shapes = {n: (f.A.shape[1], f.B.shape[0]) for n, f in zip(names, factors)}
         if len(set(shapes.values())) > 1:
@@ -234,13 +255,21 @@ def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], 
                 f"{common[0]} -> {common[1]}; the adapters are not for one base model: remove {odd} from the bank"
             )
         try:
-            out = combine(method, factors, [coefs[n] for n in names], rank)
+            return combine(method, factors, weights, rank)
         except ValueError as exc:
             raise InputError(f"module {module}: {exc}") from None
-        del factors
-        for n in names:
-            readers[n].release(module)
-        yield module, out
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, threads or cores)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        ahead = [pool.submit(one, m) for m in modules[:workers]]
+        for i, module in enumerate(modules):
+            out = ahead.pop(0).result()
+            if i + workers < len(modules):
+                ahead.append(pool.submit(one, modules[i + workers]))
+            for n in names:  # in module order, so no page a running worker still reads is dropped
+                readers[n].release(module)
+            yield module, out
 
 
 def bank_rank(readers: dict[str, AdapterReader]) -> int:

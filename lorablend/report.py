@@ -8,6 +8,8 @@ same entries and the same test examples. Numbers that need care:
   is shown beside it, because single ratios explode when own − base is small.
 - wins / ties / losses count entries; a tie is |difference| < `TIE` Rouge-L.
 - intervals are paired bootstrap percentiles over entries (seeded, `RESAMPLES`).
+- cost is the mean over entries of the seconds `generate` would spend on the adapter (forward
+  passes of ce / rerank / fit plus the combination), next to the score it buys.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def read_scores(path: str | Path) -> list[dict]:
         for k in ("rouge_l", "rouge_lsum", "exact_match", "seconds_generate", "seconds_adapter"):
             r[k] = float(r[k])
         r["n"] = int(r["n"])
+        r["cost_s"] = float(r.get("cost_s") or "nan")  # empty for the base model and in older CSVs
     return rows
 
 
@@ -78,6 +81,7 @@ class Row:
     mean: float
     entries: int
     exact_match: float = float("nan")
+    cost: float = float("nan")  # mean seconds to generate one adapter
     gap_mean: float | None = None  # mean over entries with own > base of the per-entry ratio
     gap_of_means: float | None = None  # mean(gen − base) / mean(own − base) over those entries
     vs: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # control kind -> (W, T, L, pairs)
@@ -103,7 +107,8 @@ def references(label: str, first: dict, labels: set[str]) -> dict[str, str]:
         refs["uniform"] = want if want in labels else uniforms[0]
     if first["control"] == "" and f"random-k/{label}" in labels:
         refs["random-k"] = f"random-k/{label}"
-    nearest = f"nearest/{first.get('sketch', '')}/{first.get('metric', '')}"
+    metric = first.get("metric", "")
+    nearest = "best-ce" if metric == "ce" else f"nearest/{first.get('sketch', '')}/{metric}"
     if first["control"] in ("", "random-k") and nearest in labels:
         refs["nearest"] = nearest
     return {k: v for k, v in refs.items() if v != label}
@@ -117,8 +122,10 @@ def summarize(rows: list[dict], holdout: str, seed: int = 0) -> list[Row]:
     for label, per_entry in table.items():
         first = next(iter(per_entry.values()))
         entries = sorted(per_entry)
+        costs = [per_entry[e]["cost_s"] for e in entries if not np.isnan(per_entry[e]["cost_s"])]
         row = Row(holdout, label, first["control"], float(np.mean([per_entry[e]["rouge_l"] for e in entries])),
-                  len(entries), float(np.mean([per_entry[e]["exact_match"] for e in entries])))
+                  len(entries), float(np.mean([per_entry[e]["exact_match"] for e in entries])),
+                  float(np.mean(costs)) if costs else float("nan"))
         gaps = [(per_entry[e]["rouge_l"] - base[e]["rouge_l"], own[e]["rouge_l"] - base[e]["rouge_l"])
                 for e in entries if e in base and e in own and own[e]["rouge_l"] > base[e]["rouge_l"]]
         if gaps:
@@ -165,12 +172,14 @@ def _wtl(t: tuple[int, int, int, int] | None) -> str:
 
 
 def markdown_table(summary: list[Row]) -> str:
-    head = ("| setting or control | mean Rouge-L | exact match | entries | gap recovered (mean ratio) | gap (ratio of means) "
-            "| Δ vs base [95% CI] | Δ vs uniform [95% CI] | W/T/L vs base | vs own | vs uniform | vs random-k | vs nearest |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| setting or control | mean Rouge-L | cost s/adapter | exact match | entries | gap recovered (mean ratio) "
+            "| gap (ratio of means) | Δ vs base [95% CI] | Δ vs uniform [95% CI] | W/T/L vs base | vs own | vs uniform "
+            "| vs random-k | vs nearest |")
+    lines = [head, "|" + "---|" * 14]
     for r in summary:
         name = f"`{r.label}`" if r.control == "" else f"*{r.label}*"
-        lines.append(f"| {name} | {r.mean:.3f} | {r.exact_match:.3f} | {r.entries} | {_num(r.gap_mean)} | {_num(r.gap_of_means)} | "
+        lines.append(f"| {name} | {r.mean:.3f} | {_num(r.cost, '{:.2f}')} | {r.exact_match:.3f} | {r.entries} | "
+                     f"{_num(r.gap_mean)} | {_num(r.gap_of_means)} | "
                      f"{_ci(r.delta.get('base'))} | {_ci(r.delta.get('uniform'))} | {_wtl(r.vs.get('base'))} | "
                      f"{_wtl(r.vs.get('own'))} | {_wtl(r.vs.get('uniform'))} | {_wtl(r.vs.get('random-k'))} | "
                      f"{_wtl(r.vs.get('nearest'))} |")
@@ -240,6 +249,15 @@ METHOD_NOTES = """## How the adapters were made
   ‖Σ c_j θ_j − θ_t‖² / ‖θ_t‖² of every *other* bank adapter θ_t from the rest (its family removed too in
   family mode), computed from the Gram matrix of the dense updates. It never looks at a test split, nor
   at the scored entry's adapter.
+- Model-based settings score candidates with the base model on the scored entry's first 16 *train* examples
+  (never its test split): `…/ce/…` ranks every other adapter by the mean target cross-entropy with it minus
+  the base model's, `…/rerank<m>` keeps the m nearest by the sketch distance and ranks those by ce, `…/fit/…`
+  starts from the softmin over those m and searches their weights (Nelder–Mead, 40 forward passes, seed 0).
+  The ce of a candidate does not depend on the others, so it is computed once per entry and sliced for every
+  setting, holdout and the *best-ce* control (the single adapter with the lowest ce).
+- Cost (s/adapter): what `lorablend generate` spends on the adapter after loading the model and the query's
+  sketch: candidates × the entry's measured seconds per ce forward pass, the fit's measured time, and the
+  measured combination; on the bench's threads, with the machine's other load.
 - Coefficients below 1e-6 are set to 0 and the rest renormalised (a softmin that is one-hot up to 1e-9 is
   the nearest adapter). Identical coefficient vectors (same combination) are evaluated once per entry;
   `reused` in the CSV marks the records that share an evaluation.
@@ -282,7 +300,8 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
     lines += [
         "Settings are in `code`, controls in *italics*: *base* (no adapter), *own* (the entry's own adapter), "
         "*uniform* (uniform average of the other adapters), *random-k* (k random other adapters, uniform weights, "
-        "seeded; k = the setting's top-k), *nearest* (the single nearest other adapter by the setting's distance). "
+        "seeded; k = the setting's top-k), *nearest* (the single nearest other adapter by the setting's distance), "
+        "*best-ce* (the single other adapter with the lowest ce on the entry's first 16 train examples). "
         f"W/T/L: entries won / tied (|Δ| < {TIE}) / lost. Intervals: paired bootstrap over entries, "
         f"{RESAMPLES} resamples, seeded. Gap recovered: over entries whose own adapter beats the base model.", ""]
     for h in holdouts:

@@ -1,4 +1,5 @@
-"""`lorablend bench` on the tiny bank: controls, holdouts, honest neural fits, resumption, report, Ray."""
+"""`lorablend bench` on the tiny bank: controls, holdouts, honest neural fits, model-based settings, resumption,
+report, Ray."""
 
 import json
 import random
@@ -18,6 +19,11 @@ SETTINGS = (
     "tokens/wd/attentional/svd/T1/top2",
 )
 FAST = dict(n=3, max_new_tokens=3, threads=1, presets=(), settings=SETTINGS)
+MODEL_SETTINGS = (
+    "tokens/ce/normalized/svd/T1/top2",
+    "tokens/js/normalized/svd/T1/top2/rerank3",
+    "tokens/js/fit/svd/T1/rerank3",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,11 +46,16 @@ def study(tiny_bank, tmp_path_factory):
 
 
 def test_settings_parse_round_trip_and_presets():
-    for text in SETTINGS + ("embeddings/mmd/normalized/svd/auto/r4", "tokens/kl/attentional/cat/T0.5/top3"):
+    for text in SETTINGS + MODEL_SETTINGS + bench.PRESETS["best"] + bench.PRESETS["labelled"] + ("embeddings/mmd/normalized/svd/auto/r4",
+                                                                        "tokens/kl/attentional/cat/T0.5/top3",
+                                                                        "embeddings/js/normalized/svd/auto/rerank16/r4"):
         assert parse_setting(text).label == text
         assert parse_setting(parse_setting(text).label) == parse_setting(text)
     assert len(bench.PRESETS["paper"]) == 12 and all("/paper/" in s for s in bench.PRESETS["paper"])
-    for bad in ("tokens/js", "tokens/js/normalized/svd/X3", "tokens/js/neural/svd/auto", "tokens/js/normalized/svd/T1/auto"):
+    assert parse_setting("embeddings/js/normalized/svd/auto/rerank16").setting.rerank == 16
+    for bad in ("tokens/js", "tokens/js/normalized/svd/X3", "tokens/js/neural/svd/auto", "tokens/js/normalized/svd/T1/auto",
+                "tokens/ce/normalized/svd/auto", "tokens/js/normalized/svd/rerankX", "tokens/ce/normalized/svd/T1/rerank4",
+                "tokens/js/fit/svd/auto"):
         with pytest.raises(InputError):
             parse_setting(bad)
 
@@ -55,6 +66,8 @@ def test_every_record_is_there(study):
     expected = {(e, s.holdout, s.label) for e in bank.names for s in bench.slots_for(specs, ("entry", "family"))}
     assert set(records) == expected and run.written == run.total == len(expected)
     assert run.csv.exists() and (run.results / "coefficients.json").exists()
+    assert not any(label == "best-ce" for _, _, label in records)  # no model-based setting, no ce control
+    assert not (run.results / "ce").exists()
 
 
 def test_base_and_own_are_evaluated(study):
@@ -208,7 +221,7 @@ def test_report_has_tables_intervals_and_plots(study, tmp_path):
                                    "--report", str(tmp_path / "docs" / "RESULTS.md")])
     assert res.exit_code == 0, res.output
     page = (tmp_path / "docs" / "RESULTS.md").read_text()
-    for needle in ("## Holdout: entry", "## Holdout: family", "Δ vs base [95% CI]", "W/T/L vs base",
+    for needle in ("## Holdout: entry", "## Holdout: family", "Δ vs base [95% CI]", "W/T/L vs base", "cost s/adapter",
                    "`embeddings/js/normalized/svd/auto`", "*uniform/paper*", "*random-k/", "*nearest/tokens/js*",
                    "N = 3", "Machine: ", "Wall time: ", "Command: `", "RESULTS-bars.png", "RESULTS-coefficients.png"):
         assert needle in page, needle
@@ -225,3 +238,124 @@ def test_ray_executor_with_a_local_instance(tiny_bank, tmp_path):
     run = run_bench(cfg)
     assert run.written == run.total == 5
     assert {r["entry"] for r in RecordStore(tmp_path / "r").all()} == {"math"}
+
+
+@pytest.fixture
+def scorer_calls(monkeypatch):
+    """Counts the forward-pass work the bench asks of MixtureScorer, and the examples each scorer gets."""
+    from lorablend.ce import MixtureScorer
+
+    calls = {"ce_row": [], "fit": [], "examples": []}
+    real_init, real_row, real_fit = MixtureScorer.__init__, MixtureScorer.ce_row, MixtureScorer.fit
+
+    def init(self, model, tokenizer, readers, examples, *a, **kw):
+        calls["examples"].append(list(examples))
+        real_init(self, model, tokenizer, readers, examples, *a, **kw)
+
+    def ce_row(self):
+        calls["ce_row"].append(len(self.weights))
+        return real_row(self)
+
+    def fit(self, init_, **kw):
+        calls["fit"].append(len(self.weights))
+        return real_fit(self, init_, **kw)
+
+    monkeypatch.setattr(MixtureScorer, "__init__", init)
+    monkeypatch.setattr(MixtureScorer, "ce_row", ce_row)
+    monkeypatch.setattr(MixtureScorer, "fit", fit)
+    return calls
+
+
+def model_run(tiny_bank, results, entries=("math", "code")):
+    cfg = BenchConfig(bank=str(tiny_bank), results=results, entries=entries, **{**FAST, "settings": MODEL_SETTINGS})
+    return run_bench(cfg), {(r["entry"], r["holdout"], r["label"]): r for r in RecordStore(results).all()}
+
+
+def ce_cache(results, entry):
+    (path,) = (results / "ce").glob(f"{entry}.k*.json")
+    return json.loads(path.read_text())
+
+
+def test_model_based_settings_run_and_share_one_ce_row_per_entry(tiny_bank, tmp_path, scorer_calls):
+    run, records = model_run(tiny_bank, tmp_path / "r")
+    bank = Bank.open(tiny_bank)
+    specs = [parse_setting(s) for s in MODEL_SETTINGS]
+    slots = bench.slots_for(specs, ("entry", "family"))
+    assert run.written == run.total == len(records) == 2 * len(slots)
+    assert scorer_calls["ce_row"] == [4, 4]  # once per entry, over the 4 others, for 3 settings x 2 holdouts + best-ce
+    assert scorer_calls["fit"] == [3, 3, 3, 3]  # fit over the rerank's 3 (each family leaves 3 usable)
+    for e in ("math", "code"):
+        cached = ce_cache(tmp_path / "r", e)
+        assert cached["names"] == [n for n in bank.names if n != e] and cached["seconds_per_candidate"] > 0
+        ce = dict(zip(cached["names"], cached["ce"]))
+        for h in ("entry", "family"):
+            best = records[(e, h, "best-ce")]
+            usable = [n for n in bank.names if n not in best["excluded"]]
+            assert best["coefficients"] == {min(usable, key=ce.get): 1.0}
+            assert best["cost_s"] >= cached["seconds_per_candidate"] * len(usable)
+            for label in MODEL_SETTINGS:
+                r = records[(e, h, label)]
+                assert r["cost_s"] > 0 and not set(r["excluded"]) & set(r["coefficients"])
+            rerank = records[(e, h, MODEL_SETTINGS[1])]["coefficients"]
+            assert len(rerank) <= 2 and max(rerank, key=rerank.get) == min(rerank, key=ce.get)
+        assert records[(e, "-", "base")]["cost_s"] is None and records[(e, "-", "own")]["cost_s"] >= 0
+    from lorablend.report import read_scores, summarize
+
+    rows = {r.label: r for r in summarize(read_scores(run.csv), "entry")}
+    assert rows[MODEL_SETTINGS[0]].vs["nearest"][3] == 2  # a ce setting's nearest control is best-ce
+    assert rows["best-ce"].cost > 0 and np.isnan(rows["base"].cost)
+
+
+def test_model_based_records_resume_without_recomputing_the_ce_row(tiny_bank, tmp_path, scorer_calls):
+    results = tmp_path / "r"
+    _, first = model_run(tiny_bank, results, entries=("math",))
+    for label in ("best-ce",) + MODEL_SETTINGS:  # as if killed before these were written
+        RecordStore(results).path("math", "family", label).unlink()
+    for k in scorer_calls:
+        scorer_calls[k].clear()
+    run, again = model_run(tiny_bank, results, entries=("math",))
+    assert run.written == 4 and scorer_calls["ce_row"] == [] and scorer_calls["fit"] == [3]
+    for label in ("best-ce",) + MODEL_SETTINGS:
+        assert again[("math", "family", label)]["coefficients"] == first[("math", "family", label)]["coefficients"]
+    assert model_run(tiny_bank, results, entries=("math",))[0].written == 0 and scorer_calls["fit"] == [3]
+
+
+def test_fit_and_ce_never_see_test_examples(tiny_bank, tmp_path, scorer_calls):
+    from lorablend.ce import CE_EXAMPLES
+    from lorablend.dataset import load_dataset
+
+    model_run(tiny_bank, tmp_path / "r", entries=("math",))
+    bank = Bank.open(tiny_bank)
+    ds = load_dataset(bank.dataset_path(bank.entry("math")), name="math")
+    train, test = ds.split("train"), ds.split("test")
+    assert len(scorer_calls["examples"]) == 3  # the ce row, then one fit per holdout
+    for examples in scorer_calls["examples"]:
+        assert examples == train[:CE_EXAMPLES] and not any(e in test for e in examples)
+    assert not any(e in test for e in train[:CE_EXAMPLES])  # the splits themselves do not overlap
+
+
+def test_bench_ce_row_equals_generates(tiny_bank, tmp_path):
+    """The bench scores on the worker's (PEFT-wrapped) model; `generate` loads a plain one: same row."""
+    from lorablend.ce import CE_EXAMPLES
+    from lorablend.dataset import load_dataset
+    from lorablend.generate import combination, mixture_scorer
+
+    bank = Bank.open(tiny_bank)
+    others = [n for n in bank.names if n != "music"]
+    sm = bench.slot_model(bank.manifest.base_model, bank_modules(bank), 2, 4)
+    sm.fill(0, combination(bank, {"math": 1.0}, "cat", readers=bench._readers(bank)))  # a slot that must not leak in
+    sm.fill(1, combination(bank, {"code": 1.0}, "cat", readers=bench._readers(bank)))
+    model_run(tiny_bank, tmp_path / "r", entries=("music",))
+    cached = ce_cache(tmp_path / "r", "music")
+    ds = load_dataset(bank.dataset_path(bank.entry("music")), name="music")
+    scorer = mixture_scorer(bank, others, ds, CE_EXAMPLES)
+    try:
+        want = scorer.ce_row()
+    finally:
+        scorer.close()
+    assert cached["names"] == others and np.allclose(cached["ce"], want, atol=1e-6, rtol=0)
+    assert np.ptp(want) > 1e-3  # the adapters do change the loss: the comparison has something to compare
+
+
+def bank_modules(bank):
+    return next(iter(bench._readers(bank).values())).modules

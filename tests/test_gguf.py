@@ -168,6 +168,121 @@ def test_write_is_atomic(tiny_model_dir, full_adapter, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def _write_model_gguf(path: Path, tensors: dict, fields: dict) -> Path:
+    """A GGUF model file: `tensors` name -> (GGML type name, float array), quantized here; `fields` key -> (value, type)."""
+    import gguf
+    from gguf.quants import quantize
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, vtype) in fields.items():
+        sub = vtype[1] if isinstance(vtype, tuple) else None
+        writer.add_key_value(key, value, vtype[0] if sub else vtype, sub_type=sub)
+    for name, (kind, data) in tensors.items():
+        qtype = gguf.GGMLQuantizationType[kind]
+        data = data.astype(np.float32)
+        if kind == "F32":
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized_gguf(tmp_path_factory) -> Path:
+    """A small GGUF model in the SmolLM2 wheel's mix of types (Q4_1 blocks, Q8_0 embeddings, F32 norms) + an F16 tensor."""
+    from gguf import GGUFValueType as V
+
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": ("Q8_0", rng.normal(size=(96, 64))),
+               "blk.0.attn_norm.weight": ("F32", rng.normal(size=64)),
+               "blk.0.attn_q.weight": ("Q4_1", rng.normal(size=(64, 64))),
+               "blk.0.ffn_up.weight": ("F16", rng.normal(size=(128, 64)))}
+    fields = {"general.name": ("tiny", V.STRING), "general.file_type": (3, V.UINT32),
+              "llama.block_count": (1, V.UINT32), "llama.rope.freq_base": (100000.0, V.FLOAT32),
+              "tokenizer.ggml.add_bos_token": (True, V.BOOL),
+              "tokenizer.ggml.tokens": (["a", "b", "<|im_end|>"], (V.ARRAY, V.STRING)),
+              "tokenizer.ggml.token_type": ([1, 1, 3], (V.ARRAY, V.INT32)),
+              "tokenizer.chat_template": ("{{ messages }}", V.STRING)}
+    return _write_model_gguf(tmp_path_factory.mktemp("quantized") / "q.gguf", tensors, fields)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_dequantize_gguf_copies_metadata_and_dequantizes(quantized_gguf, tmp_path, dtype):
+    """Every field is copied (file_type says the new type); F32 is exactly gguf's dequantisation, bf16/f16 round it."""
+    from gguf.quants import dequantize, quantize
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+
+    from lorablend.gguf_export import dequantize_gguf
+
+    out = dequantize_gguf(quantized_gguf, tmp_path / "out.gguf", dtype)
+    src_fields, _ = _read(quantized_gguf)
+    out_fields, out_tensors = _read(out)
+    assert out_fields.pop("general.file_type") == {"f32": 0, "bf16": 32, "f16": 1}[dtype]
+    src_fields.pop("general.file_type")
+    assert out_fields == src_fields and list(out_fields) == list(src_fields)
+    src = GGUFReader(quantized_gguf).tensors
+    assert list(out_tensors) == [t.name for t in src]
+    want_type = {"f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16}[dtype]
+    for t in src:
+        kind, data = out_tensors[t.name]
+        exact = dequantize(np.array(t.data), t.tensor_type)
+        if t.tensor_type == Q.F32:
+            assert kind == "F32"
+            np.testing.assert_array_equal(data, exact)
+            continue
+        assert kind == want_type.name
+        assert data.tobytes() == quantize(exact, want_type).tobytes(), t.name
+        np.testing.assert_allclose(dequantize(data, want_type), exact, rtol=1e-2, atol=1e-6)
+
+
+def test_dequantize_gguf_bad_input(quantized_gguf, tmp_path):
+    from lorablend.gguf_export import dequantize_gguf
+
+    (tmp_path / "not.gguf").write_text("hello")
+    for args, message in (((tmp_path / "not.gguf", tmp_path / "o.gguf"), "not a readable GGUF file"),
+                          ((tmp_path / "missing.gguf", tmp_path / "o.gguf"), "not a readable GGUF file"),
+                          ((quantized_gguf, tmp_path / "o.gguf", "q8_0"), "dtype must be one of f32, bf16, f16")):
+        with pytest.raises(InputError, match=message) as err:
+            dequantize_gguf(*args)
+        assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not.gguf"]
+
+
+def test_fetch_adds_the_llamacpp_gguf_to_older_installs(quantized_gguf, tmp_path, monkeypatch):
+    """A conversion made before the full-precision GGUF existed gets just that file, atomically; else Q4_1 runs."""
+    from lorablend import gguf_export, models
+    from lorablend.llamacpp import model_gguf
+
+    monkeypatch.setenv("LORABLEND_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_smollm2_gguf", lambda: quantized_gguf)
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+    target.mkdir(parents=True)
+    for name in models._REQUIRED_FILES:
+        (target / name).write_text("{}")
+    (target / models.SOURCE_FILE).write_text(json.dumps({"gguf": str(quantized_gguf)}))
+    mtime = (target / "config.json").stat().st_mtime_ns
+
+    def unwritable(*args):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(gguf_export, "dequantize_gguf", unwritable)
+    assert models.fetch_smollm2(progress=False) == target
+    assert model_gguf(str(target)) == quantized_gguf  # the wheel's file, as before
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABLEND_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_smollm2_gguf", lambda: quantized_gguf)
+    assert models.fetch_smollm2(progress=False) == target
+    made = target / models.LLAMACPP_GGUF
+    assert model_gguf(str(target)) == model_gguf("smollm2") == made
+    assert _read(made)[1].keys() == _read(quantized_gguf)[1].keys()
+    assert (target / "config.json").stat().st_mtime_ns == mtime
+    assert not list(target.glob(".*tmp"))
+
+
 def _cli(argv, capfd) -> tuple[int, str, str]:
     from lorablend.cli import main
 
@@ -386,6 +501,94 @@ def test_llamacpp_backend_matches_torch(converted, tmp_path):
     assert mixed == [with_a[i] if i % 2 == 0 else alone[i] for i in range(6)]
     assert with_a != alone
     lm.close()
+
+
+def _requantize(src: Path, out: Path) -> Path:
+    """`src` (an F32 GGUF model) in the SmolLM2 wheel's types: Q4_1 matrices, Q8_0 embeddings, F32 norms."""
+    import gguf
+    from gguf.quants import quantize
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    for field in reader.fields.values():
+        if field.name != "general.architecture" and not field.name.startswith("GGUF."):
+            vtype = field.types[0]
+            writer.add_key_value(field.name, field.contents(), vtype,
+                                 sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if data.ndim == 1:
+            writer.add_tensor(t.name, data)
+        else:
+            qtype = gguf.GGMLQuantizationType.Q8_0 if t.name == "token_embd.weight" else gguf.GGMLQuantizationType.Q4_1
+            writer.add_tensor(t.name, quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_dequantized_gguf_runs_the_quantized_weights(converted, llama_cpp, tmp_path):
+    """llama.cpp runs the dequantised file: its logits are those of the Q4_1 file (up to llama.cpp's 8-bit
+    activations there), far from those of the f32 original the Q4_1 file was made from."""
+    from lorablend.gguf_export import dequantize_gguf
+    from lorablend.models import load_tokenizer
+
+    q4 = _requantize(converted["base"], tmp_path / "q4.gguf")
+    files = {"f32": converted["base"], "q4_1": q4, "deq": dequantize_gguf(q4, tmp_path / "deq.gguf", "f32")}
+    prompts = _prompts(load_tokenizer(str(converted["model"])))
+    logits = {}
+    for name, path in files.items():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+        try:
+            rows = []
+            for p in prompts:
+                llm.reset()
+                llm.eval(p)
+                rows.append(np.array(llm.scores[len(p) - 1]))
+            logits[name] = np.stack(rows)
+        finally:
+            llm.close()
+    to_q4 = np.abs(logits["deq"] - logits["q4_1"]).max()
+    to_f32 = np.abs(logits["deq"] - logits["f32"]).max()
+    assert to_q4 < to_f32 / 4, (to_q4, to_f32)
+
+
+def test_batched_decoding_matches_one_sequence(converted, tmp_path):
+    """n_seq prompts decoded as parallel sequences (shared prefix copied) give the one-sequence path's tokens."""
+    from lorablend.dataset import load_dataset
+    from lorablend.llamacpp import LlamaCppModel
+    from lorablend.models import load_tokenizer
+    from lorablend.prompts import end_of_turn_id, prompt_ids
+
+    model_id = str(converted["model"])
+    tok = load_tokenizer(model_id)
+    examples = [e for topic in ("animals", "code") for e in
+                load_dataset(make_dataset_file(tmp_path / f"{topic}.jsonl", topic, n=12), name=topic).split("train")[:6]]
+    prompts = sorted(prompt_ids(tok, e) for e in examples)
+    prompts.insert(3, prompts[3][:-4])  # a prompt that is a prefix of its neighbour
+    stop = {end_of_turn_id(tok)}
+    one = LlamaCppModel(model_id, n_threads=1, n_seq=1)
+    many = LlamaCppModel(model_id, n_threads=1, n_seq=4)  # groups of 4, 4, 4, 1
+    try:
+        answers = {}
+        for m in (one, many):
+            m.load_adapters({"a": str(converted["adapter"])})
+        for adapter in ("a", None, "a"):  # switching back and forth reuses nothing stale
+            want = [one.answer_ids(p, 10, stop, adapter) for p in prompts]
+            got = many.answers_ids(prompts, 10, stop, adapter)
+            assert got == want, adapter
+            assert sum(map(len, got)) > 2 * len(got)
+            answers[adapter] = got
+        assert answers["a"] != answers[None]
+        with pytest.raises(InputError, match="more than the 512 of .*lower --max-new-tokens"):
+            many.answers_ids(prompts, 500, stop)
+        with pytest.raises(InputError, match="no adapter named 'b'"):
+            many.answers_ids(prompts, 10, stop, "b")
+    finally:
+        one.close()
+        many.close()
 
 
 def test_eval_cli_defaults_to_llamacpp(converted, tmp_path, capfd):

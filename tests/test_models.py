@@ -111,6 +111,7 @@ def test_smollm2_conversion(smollm2_dir):
 
     source = json.loads((smollm2_dir / models.SOURCE_FILE).read_text())
     assert source["gguf"].endswith(".gguf") and source["model_id"] == SMOLLM2_ID
+    assert (smollm2_dir / models.LLAMACPP_GGUF).stat().st_size > 200e6  # BF16, for the llama.cpp backend
     assert "quantization_config" not in json.loads((smollm2_dir / "config.json").read_text())
 
     tokenizer = load_tokenizer("smollm2")

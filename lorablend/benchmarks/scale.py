@@ -378,7 +378,7 @@ def child_lorablend(spec: dict, method: str) -> dict:
         rank = setting.rank or bank_rank(readers)
         t2 = time.perf_counter()
         stages["open_s"] = t2 - t1
-        modules = dict(combine_modules(readers, coefs, setting.combine, rank))
+        modules = dict(combine_modules(readers, coefs, setting.combine, rank, threads=spec["threads"]))
         t3 = time.perf_counter()
         stages["combine_s"] = t3 - t2
         prov = Provenance(lorablend_version=__version__, dataset="synthetic-query", dataset_sha256="", bank=str(bank.root),
@@ -982,7 +982,8 @@ def parse_args(argv):
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="BLAS/torch threads per method (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="cores per method: BLAS/torch threads, and lorablend's module workers (default 1)")
     p.add_argument("--sample-layers", type=int, default=1,
                    help="layers run by dense svd and PEFT svd, projected to all layers (0: all)")
     p.add_argument("--stack-budget-gb", type=float, default=8.0, help="memory for the paper's stacked matrix")
