@@ -127,19 +127,24 @@ def demo_cmd(
     bank: str = typer.Option("default", help="Bank directory, or 'default'."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the generated adapter."),
     n: int = typer.Option(30, help="Test examples to score."),
+    backend: str = typer.Option("auto", help="torch | llamacpp | auto (llamacpp when installed and the model has a GGUF)."),
 ):
     """Generate an adapter for one bank task from the others and score it against the base model and the task's own LoRA."""
     from rich.table import Table
 
+    from .bank import Bank
     from .demo import DEFAULT_TASK, run_demo
-    from .models import fetch_smollm2
+    from .models import ALIASES, SMOLLM2_ID, fetch_smollm2
 
     t0 = time.perf_counter()
-    fetch_smollm2()
+    base = Bank.open(bank).manifest.base_model
+    if ALIASES.get(base.lower(), base) == SMOLLM2_ID:
+        fetch_smollm2()  # with its own progress bar, before the status spinner (rich shows one at a time)
     with console.status("starting") as status:
-        rows, adapter, coefs = run_demo(task or DEFAULT_TASK, bank, out_dir, n, status=lambda m: status.update(m))
+        rows, adapter, coefs = run_demo(task or DEFAULT_TASK, bank, out_dir, n, backend=backend,
+                                        status=lambda m: status.update(m))
     out.print(_top_table(coefs, 5, "strongest bank coefficients"))
-    table = Table(title=f"{task or DEFAULT_TASK}: {rows[0].scores.n} test examples, greedy")
+    table = Table(title=f"{task or DEFAULT_TASK}: {rows[0].scores.n} test examples, greedy ({rows[0].backend})")
     for col in ("model", "Rouge-L", "exact match", "seconds"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:

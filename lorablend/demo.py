@@ -26,10 +26,11 @@ class DemoRow:
     model: str
     scores: Scores
     seconds: float
+    backend: str
 
 
 def run_demo(task: str = DEFAULT_TASK, bank: str = "default", out: Path | None = None, n: int = 30,
-             setting: Setting = DEFAULT_SETTING, status=None) -> tuple[list[DemoRow], Path, dict[str, float]]:
+             setting: Setting = DEFAULT_SETTING, backend: str = "auto", status=None) -> tuple[list[DemoRow], Path, dict[str, float]]:
     say = status or (lambda msg: None)
     b = Bank.open(bank)
     entry = b.entry(task)
@@ -39,12 +40,14 @@ def run_demo(task: str = DEFAULT_TASK, bank: str = "default", out: Path | None =
     say(f"generating an adapter for {task} from the other {len(b.entries) - 1} entries")
     result = generate(b, dataset, out, setting, force=True)
     say("loading the base model and the adapters")
-    model, tokenizer = load_for_eval(b.manifest.base_model, {"generated": str(out), "own": str(b.adapter_path(entry))})
+    model, tokenizer = load_for_eval(b.manifest.base_model, {"generated": str(out), "own": str(b.adapter_path(entry))},
+                                     backend=backend)
+    used = "llama.cpp" if getattr(model, "is_llamacpp", False) else "PyTorch"
     budget = max_new_tokens_for(tokenizer, [e.target for e in dataset.split("train")])
     rows = []
     for label, adapter in (("base model", None), ("generated adapter", "generated"), ("task's own LoRA", "own")):
         say(f"answering {len(test)} test examples with the {label}")
         t0 = time.perf_counter()
         answers = answers_with(model, adapter, tokenizer, test, max_new_tokens=budget)
-        rows.append(DemoRow(label, Scores.of(answers, test), time.perf_counter() - t0))
+        rows.append(DemoRow(label, Scores.of(answers, test), time.perf_counter() - t0, used))
     return rows, result.out, result.provenance.coefficients

@@ -197,3 +197,20 @@ def test_mixture_scorer_hooks_equal_the_cat_adapter(tiny_bank, tiny_model_dir, u
                         ds.split("train")[:4], bf16=False).loss(np.zeros(1))
     assert abs(hooked - ref) < 1e-5
     assert abs(scorer.loss(np.zeros(len(w))) - hooked) > 1e-6  # the adapters do change the loss
+
+
+def test_demo_scores_base_generated_and_own_on_a_bank_task(tiny_bank, tmp_path, capfd):
+    """`lorablend demo` end to end (the README's main command), on the tiny bank with PyTorch."""
+    from test_errors import run_cli
+
+    task = Bank.open(tiny_bank).names[0]
+    out = tmp_path / "demo-out"
+    code, stdout, err = run_cli(["demo", "--bank", str(tiny_bank), "--task", task, "--n", "3", "--out", str(out),
+                                 "--backend", "torch"], capfd)
+    assert code == 0, err
+    for row in ("base model", "generated adapter", "task's own LoRA"):
+        assert row in stdout
+    assert "PyTorch" in stdout, stdout
+    provenance = json.loads((out / "lorablend.json").read_text())
+    assert task not in {n for n, c in provenance["coefficients"].items() if c > 0}  # leave-one-out
+    assert (out / "adapter_model.safetensors").is_file()
