@@ -48,10 +48,22 @@ def fetch_sdist(dest: Path | None = None) -> Path:
     return path
 
 
+MIN_TRAIN = 16  # a task cut to fewer train examples than this is cut in proportion instead
+
+
 def compact(ds: Dataset, seed: int, train: int, valid: int, test: int) -> Dataset:
-    """A seeded test/valid/train cut of at most the given sizes (test first: it never shrinks)."""
+    """A seeded test/valid/train cut of at most the given sizes.
+
+    Test first, so evaluation sets stay full; but a task too small to keep MIN_TRAIN train
+    examples after full test and valid splits (subtask053 has 58 examples) is cut in the
+    proportions train:valid:test instead, so that it can still be trained on.
+    """
     examples = [e for split in ("train", "valid", "test") for e in ds.splits[split]]
     random.Random(seed).shuffle(examples)
+    n = len(examples)
+    if n - test - valid < MIN_TRAIN:
+        total = train + valid + test
+        test, valid = n * test // total, n * valid // total
     return Dataset(
         name=ds.name,
         splits={
