@@ -529,12 +529,11 @@ def child_peft(spec: dict, method: str) -> dict:
     return res
 
 
-def flat_layout(path: Path) -> tuple[list[tuple[str, tuple]], bool]:
-    """(key, shape) of a safetensors file's tensors in file order, and whether its data section
-    is already the flat float32 vector (all F32, back to back)."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+def _flat_header(fh) -> tuple[list[tuple[str, tuple]], bool]:
+    """(key, shape) of the tensors in file order, and whether the data section is already the flat
+    float32 vector (all F32, back to back); leaves `fh` at the start of the data section."""
+    (n,) = struct.unpack("<Q", fh.read(8))
+    header = json.loads(fh.read(n))
     header.pop("__metadata__", None)
     items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     ends = [0] + [v["data_offsets"][1] for _, v in items[:-1]]
@@ -542,32 +541,35 @@ def flat_layout(path: Path) -> tuple[list[tuple[str, tuple]], bool]:
     return [(k, tuple(v["shape"])) for k, v in items], raw
 
 
+def flat_layout(path: Path) -> tuple[list[tuple[str, tuple]], bool]:
+    with open(path, "rb") as fh:
+        return _flat_header(fh)
+
+
 def read_flat(path: Path, layout: list, row) -> None:
     """The paper's flattened adapter into `row`: an all-F32 file's data section is read straight in."""
     import numpy as np
 
-    own, raw = flat_layout(path)
-    if own != layout:
-        raise BenchError(f"{path}: tensor layout differs from the first adapter's")
-    if not raw:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            pos = 0
-            for key, shp in layout:
-                size = math.prod(shp)
-                row[pos : pos + size] = f.get_tensor(key).float().numpy().ravel()
-                pos += size
-        return
     with open(path, "rb", buffering=0) as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        fh.seek(8 + n)
-        view, done = memoryview(row.view(np.uint8)), 0
-        while done < len(view):
-            got = fh.readinto(view[done:])
-            if not got:
-                raise BenchError(f"{path}: truncated")
-            done += got
+        own, raw = _flat_header(fh)
+        if own != layout:
+            raise BenchError(f"{path}: tensor layout differs from the first adapter's")
+        if raw:
+            view, done = memoryview(row.view(np.uint8)), 0
+            while done < len(view):
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise BenchError(f"{path}: truncated")
+                done += got
+            return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        pos = 0
+        for key, shp in layout:
+            size = math.prod(shp)
+            row[pos : pos + size] = f.get_tensor(key).float().numpy().ravel()
+            pos += size
 
 
 def child_stack(spec: dict, method: str) -> dict:
