@@ -50,6 +50,7 @@ What keeps ~4000 distributional records within two hours on two cores:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -91,7 +92,7 @@ PRESETS = {
     "quick": ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto"),
 }
 DEFAULT_PRESETS = ("paper", "best")
-DEFAULT_N = 3  # chosen so that the distributional settings of both presets, both holdouts, 61 entries fit in ~2 h on 2 cores
+DEFAULT_N = 4  # with the llama.cpp backend, the distributional settings of both presets, both holdouts, 61 entries fit in ~2 h on 2 cores
 DEFAULT_MAX_NEW_TOKENS = 32
 QUICK_N = 15  # the quick preset: one entry per family (10 on the default bank), holdout entry
 PRUNE = 1e-6
@@ -512,6 +513,8 @@ class EntryJob:
     batch_size: int = 16
     neural_hidden: int = 64
     neural_epochs: int = 40
+    backend: str = "torch"  # resolved: torch | llamacpp
+    threads: int = 1
 
 
 def test_sample(dataset, n: int, seed: int) -> list:
@@ -623,6 +626,19 @@ def slot_model(model_id: str, modules: list[str], slots: int, rank: int) -> Slot
     return _WORKER["slots"]
 
 
+def llamacpp_model(model_id: str, threads: int):
+    """The worker's llama.cpp model (loaded once; its adapters change per evaluation)."""
+    from .llamacpp import LlamaCppModel
+
+    current = _WORKER.get("llamacpp")
+    if current is None or current.model_id != model_id:
+        if current is not None:
+            current.close()
+        _WORKER["llamacpp"] = current = LlamaCppModel(model_id, n_threads=threads)
+        atexit.register(current.close)  # before interpreter teardown unloads llama_cpp under __del__
+    return current
+
+
 def run_entry(job: EntryJob, on_record=None) -> int:
     """Compute the missing records of one entry; returns how many were written."""
     from .dataset import load_dataset
@@ -694,12 +710,26 @@ class EntryEvaluator:
                            readers=_readers(self.bank))
 
     def evaluate(self, keys: list[str], recipes: dict) -> None:
-        """One mixed-adapter pass over the test sample for these keys; scores go into `known`."""
-        from .evaluate import Scores, generate_answers
+        """One pass over the test sample for these keys (mixed-adapter batches); scores go into `known`."""
+        from .evaluate import Scores
 
         t0 = time.perf_counter()
         adapters = {k: self.factors(k, recipes[k]) for k in keys if k != "base"}
         combining = time.perf_counter() - t0
+        rows = [(k, e) for k in keys for e in self.examples]
+        generate = self._llamacpp if self.job.backend == "llamacpp" else self._torch
+        answers, build, generating = generate(adapters, rows)
+        build = (combining + build) / max(1, len(adapters))
+        for j, key in enumerate(keys):
+            mine = answers[j * len(self.examples) : (j + 1) * len(self.examples)]
+            self.known[key] = {**asdict(Scores.of(mine, self.examples)), "answers": mine,
+                               "seconds_generate": round(generating / len(keys), 3),
+                               "seconds_adapter": round(build if key != "base" else 0.0, 3)}
+
+    def _torch(self, adapters: dict, rows: list) -> tuple[list[str], float, float]:
+        """Answers from the slot model: (answers, seconds filling slots, seconds generating)."""
+        from .evaluate import generate_answers
+
         readers = _readers(self.bank)
         modules = next(iter(readers.values())).modules
         rank = max([f.rank for a in adapters.values() for f in a.values()] or [1])
@@ -709,16 +739,31 @@ class EntryEvaluator:
         for j, (k, a) in enumerate(adapters.items()):
             sm.fill(j, a)
             slot_of[k] = sm.names[j]
-        build = (combining + time.perf_counter() - t0) / max(1, len(adapters))
-        rows = [(k, e) for k in keys for e in self.examples]
+        build = time.perf_counter() - t0
         t0 = time.perf_counter()
         answers = generate_answers(sm.model, self.tokenizer, [e for _, e in rows], max_new_tokens=self.budget,
                                    batch_size=self.job.batch_size, adapter_names=[slot_of.get(k, "__base__") for k, _ in rows])
-        share = (time.perf_counter() - t0) / len(keys)
-        for j, key in enumerate(keys):
-            mine = answers[j * len(self.examples) : (j + 1) * len(self.examples)]
-            self.known[key] = {**asdict(Scores.of(mine, self.examples)), "answers": mine,
-                               "seconds_generate": round(share, 3), "seconds_adapter": round(build if key != "base" else 0.0, 3)}
+        return answers, build, time.perf_counter() - t0
+
+    def _llamacpp(self, adapters: dict, rows: list) -> tuple[list[str], float, float]:
+        """Answers from llama.cpp, each adapter written as a GGUF LoRA to a temporary dir and loaded
+        (a few milliseconds for SmolLM2's q/v factors): (answers, seconds exporting, seconds generating)."""
+        import tempfile
+
+        from .gguf_export import write_gguf
+        from .llamacpp import BASE
+
+        lm = llamacpp_model(self.bank.manifest.base_model, self.job.threads)
+        with tempfile.TemporaryDirectory(prefix="lorablend-bench-") as tmp:
+            t0 = time.perf_counter()
+            files = {k: write_gguf(a, self.bank.manifest.base_model, Path(tmp) / f"{j}.gguf")
+                     for j, (k, a) in enumerate(adapters.items())}
+            lm.load_gguf_adapters(files)
+            build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        answers = lm.generate_answers(self.tokenizer, [e for _, e in rows], max_new_tokens=self.budget,
+                                      adapter_names=[k if k in adapters else BASE for k, _ in rows])
+        return answers, build, time.perf_counter() - t0
 
     def record(self, slot: Slot, c, info: dict, key: str) -> dict:
         """The record of one slot. An evaluation's cost is charged to the first record that uses it; cost_s,
@@ -766,6 +811,7 @@ class BenchConfig:
     threads: int | None = None  # torch threads per job (default: cores // jobs)
     executor: str = "local"  # local | ray
     ray_address: str | None = None
+    backend: str = "auto"  # torch | llamacpp | auto (llama.cpp when installed and the model has a GGUF)
     neural_hidden: int = 64
     neural_epochs: int = 40
     command: str = ""
@@ -790,9 +836,9 @@ class BenchRun:
     seconds: float
 
 
-def resolve(cfg: BenchConfig, bank: Bank) -> tuple[list[Spec], list[str], tuple[str, ...], int]:
-    """Settings, entries, holdouts and N: the quick preset defaults to one entry per family, holdout
-    entry and QUICK_N examples; otherwise every entry, both holdouts and DEFAULT_N."""
+def resolve(cfg: BenchConfig, bank: Bank) -> tuple[list[Spec], list[str], tuple[str, ...], int, str]:
+    """Settings, entries, holdouts, N and backend: the quick preset defaults to one entry per family,
+    holdout entry and QUICK_N examples; otherwise every entry, both holdouts and DEFAULT_N."""
     specs = preset_specs(list(cfg.presets), list(cfg.settings))
     if not specs:
         raise InputError("no settings to run: give --preset or --settings")
@@ -814,16 +860,18 @@ def resolve(cfg: BenchConfig, bank: Bank) -> tuple[list[Spec], list[str], tuple[
         raise InputError("--n, --max-new-tokens, --batch-size and --jobs must be >= 1")
     if len(bank.entries) < 4:
         raise InputError(f"{bank.root}: the bench needs a bank of at least 4 entries")
-    return specs, entries, holdouts, n
+    from .llamacpp import resolve_backend
+
+    return specs, entries, holdouts, n, resolve_backend(cfg.backend, bank.manifest.base_model)
 
 
-def pin_config(results: Path, bank: Bank, cfg: BenchConfig, n: int) -> None:
+def pin_config(results: Path, bank: Bank, cfg: BenchConfig, n: int, backend: str) -> None:
     """RESULTS/config.json: what the records depend on. A different run refuses to mix with them."""
     from . import __version__
 
     want = {"bank": str(bank.root.resolve()), "bank_manifest_sha256": bank.sha256, "n": n,
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "neural_hidden": cfg.neural_hidden,
-            "neural_epochs": cfg.neural_epochs, "prune": PRUNE}
+            "neural_epochs": cfg.neural_epochs, "prune": PRUNE, "backend": backend}
     path = results / "config.json"
     if path.exists():
         have = json.loads(path.read_text(encoding="utf-8"))
@@ -840,9 +888,9 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
     reporter = reporter or Reporter()
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     bank = Bank.open(cfg.bank)
-    specs, entries, holdouts, n = resolve(cfg, bank)
+    specs, entries, holdouts, n, backend = resolve(cfg, bank)
     results = Path(cfg.results)
-    pin_config(results, bank, cfg, n)
+    pin_config(results, bank, cfg, n, backend)
     store = RecordStore(results)
     slots = slots_for(specs, holdouts)
     missing = {e: sum(not store.path(e, s.holdout, s.label).exists() for s in slots) for e in entries}
@@ -853,14 +901,15 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
         if todo:
             matrices = compute_matrices(bank, specs, results / "matrices", cfg.seed, reporter.status)
             jobs = [EntryJob(str(bank.root), e, [s.label for s in specs], holdouts, str(results), matrices, n,
-                             cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.neural_hidden, cfg.neural_epochs)
+                             cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.neural_hidden, cfg.neural_epochs,
+                             backend, cfg.threads or threads_per_job(cfg.jobs))
                     for e in todo]
             reporter.status(f"records ({len(todo)} entries to run)")
             execute(jobs, cfg, store, reporter.advance)
         finished = True
     finally:  # an interrupted run is logged too: its wall time counts in the report
         seconds = time.perf_counter() - t0
-        log_run(results, cfg, n, started, seconds, store.count() - before, finished)
+        log_run(results, cfg, n, backend, started, seconds, store.count() - before, finished)
     return BenchRun(results, export(store, results), store.count() - before, len(entries) * len(slots), seconds)
 
 
@@ -1011,12 +1060,13 @@ def machine() -> dict:
             "torch": torch.__version__}
 
 
-def log_run(results: Path, cfg: BenchConfig, n: int, started: str, seconds: float, written: int, finished: bool) -> None:
+def log_run(results: Path, cfg: BenchConfig, n: int, backend: str, started: str, seconds: float, written: int,
+            finished: bool) -> None:
     """Append this invocation to RESULTS/run.json (the report sums wall time over resumed runs)."""
     path = results / "run.json"
     runs = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.exists() else []
     runs.append({"command": cfg.command or " ".join(sys.argv), "started_utc": started, "wall_seconds": round(seconds, 1),
                  "records_written": written, "finished": finished, "n": n, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
-                 "jobs": cfg.jobs, "threads": cfg.threads or threads_per_job(cfg.jobs), "executor": cfg.executor,
+                 "jobs": cfg.jobs, "threads": cfg.threads or threads_per_job(cfg.jobs), "executor": cfg.executor, "backend": backend,
                  "machine": machine()})
     write_json(path, {"runs": runs})

@@ -11,11 +11,13 @@ x Aᵀ diag(w ⊗ s) Bᵀ (stacked factors of all candidates), which is exactly 
 `cat` combination with coefficients w. Scoring a candidate, or any mixture of
 candidates, is one forward pass; nothing is reloaded. No gradient is taken.
 
-Cost: one bf16 pass over the k examples per candidate (and per fit step). SmolLM2-135M
-runs ~400 tokens per CPU-second on an AVX-512 EPYC core; with k = 16 Natural Instructions
-examples (2,500–5,600 padded tokens) that is 6–13 CPU-s per candidate, so `--metric ce`
-over a 61-entry bank is ~9 CPU-min and `--rerank 16` ~2.5 CPU-min. Mistral-7B has ~66×
-SmolLM2's non-embedding weights: ~7–14 CPU-min per candidate, estimated, not measured.
+Cost: one bf16 pass over the k examples per candidate (and per fit step). The examples'
+common prefix (chat header and task instruction, ~125 of ~205 tokens per NI example) runs
+once per pass and the suffixes attend to its KV cache. Measured with `python -m
+lorablend.benchmarks.ce_cost` (docs/PERFORMANCE.md), k = 16, 1 thread, beside a bank build: 2.1–6.4
+CPU-s per candidate on five default-bank tasks (3.96 mean), against 5.7–10.3 (7.41) for whole
+prompts, so `--rerank 16` is ~70 CPU-s. Mistral-7B has ~66× SmolLM2's non-embedding
+weights: ~4–7 CPU-min per candidate, estimated, not measured.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from .adapter import AdapterReader
 from .dataset import Example
 from .errors import InputError
-from .prompts import PromptFormat, training_pair
+from .prompts import PromptFormat, common_prefix, training_pair
 
 CE_EXAMPLES = 16
 
@@ -46,7 +48,7 @@ class MixtureScorer:
     """Loss of k labelled examples under base + Σ_i w_i · (adapter i), for any weights w."""
 
     def __init__(self, model, tokenizer, readers: list[AdapterReader], examples: list[Example],
-                 fmt: PromptFormat = PromptFormat(), bf16: bool = True):
+                 fmt: PromptFormat = PromptFormat(), bf16: bool = True, share_prefix: bool = True):
         import torch
 
         if not examples:
@@ -57,6 +59,12 @@ class MixtureScorer:
         self._stacks = {m: self._stack(readers, m) for m in readers[0].modules}
         self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in self._stacks]
         pairs = [training_pair(tokenizer, e, fmt) for e in examples]
+        # The chat header and task instruction every example starts with (~60% of NI tokens) run once per
+        # pass; it ends inside every prompt, so all targets are predicted from the suffixes.
+        shared = min([common_prefix(pairs[0][0], ids) for ids, _ in pairs] + [_prompt_len(lab) - 1 for _, lab in pairs]
+                     + [0 if not share_prefix else len(pairs[0][0])])
+        self._prefix = torch.tensor([pairs[0][0][:shared]]) if shared > 0 else None
+        pairs = [(ids[max(shared, 0):], lab[max(shared, 0):]) for ids, lab in pairs]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         width = max(len(p) for p, _ in pairs)
         self._ids = torch.tensor([p + [pad] * (width - len(p)) for p, _ in pairs])
@@ -99,7 +107,12 @@ class MixtureScorer:
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         self.evaluations += 1
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self.model.base_model(input_ids=self._ids, attention_mask=self._mask).last_hidden_state[:, :-1]
+            body, mask, cache = self.model.base_model, self._mask, None
+            if self._prefix is not None:
+                cache = body(input_ids=self._prefix, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(self._ids))
+                mask = torch.cat([torch.ones(len(mask), self._prefix.shape[1], dtype=mask.dtype), mask], dim=1)
+            hidden = body(input_ids=self._ids, attention_mask=mask, past_key_values=cache).last_hidden_state[:, :-1]
             logits = self.model.get_output_embeddings()(hidden[self._at]).float()
         return float(torch.nn.functional.cross_entropy(logits, self._targets[self._at]))
 
@@ -130,3 +143,8 @@ class MixtureScorer:
         res = minimize(objective, z0, method="Nelder-Mead",
                        options={"maxfev": budget, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4})
         return softmin(-res.x)  # Nelder–Mead returns the best point it evaluated, z0 included
+
+
+def _prompt_len(labels: list[int]) -> int:
+    """Tokens before the first target token."""
+    return next((i for i, t in enumerate(labels) if t != -100), len(labels))

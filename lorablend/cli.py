@@ -284,14 +284,15 @@ def bench_cmd(
     entries: List[str] = typer.Option([], help="Score only these bank entries (repeatable or comma-separated)."),
     holdout: List[str] = typer.Option([], help="entry (leave one out) | family (leave its family out); repeatable. "
                                       "Default: both (quick: entry)."),
-    n: Optional[int] = typer.Option(None, help="Test examples per entry, a fixed seeded sample (default 3; quick 15)."),
+    n: Optional[int] = typer.Option(None, help="Test examples per entry, a fixed seeded sample (default 4; quick 15)."),
     max_new_tokens: int = typer.Option(32, help="Cap on each task's answer budget."),
     batch_size: int = typer.Option(16, help="Rows per generation batch (several adapters share a batch)."),
     seed: int = typer.Option(0, help="Seed of the test samples, random-k picks, neural fits and sampled distances."),
     jobs: int = typer.Option(1, help="Local worker processes (each loads the model once)."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per job (default: cores / jobs)."),
+    threads: Optional[int] = typer.Option(None, help="Torch or llama.cpp threads per job (default: cores / jobs)."),
     executor: str = typer.Option("local", help="local | ray (entries as Ray tasks)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)."),
+    backend: str = typer.Option("auto", help="torch | llamacpp | auto (llamacpp when installed and the model has a GGUF)."),
     report_only: bool = typer.Option(False, "--report-only", help="Only rebuild scores.csv and the report from --results."),
 ):
     """The leave-one-out study: adapters for every bank entry from the others, scored next to controls (base model,
@@ -317,7 +318,7 @@ def bench_cmd(
         bank=bank, results=results, presets=presets or (() if settings else DEFAULT_PRESETS), settings=tuple(settings),
         entries=tuple(e for arg in entries for e in arg.split(",") if e) or None, holdouts=tuple(holdout) or None,
         n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, jobs=jobs, threads=threads,
-        executor=executor, ray_address=ray_address, command=shlex.join(["lorablend", *sys.argv[1:]]),
+        executor=executor, ray_address=ray_address, backend=backend, command=shlex.join(["lorablend", *sys.argv[1:]]),
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,14 @@ import numpy as np
 
 from .adapter import CONFIG, WEIGHTS, AdapterReader
 from .atomic import atomic_file
+from .combine import Factors
 from .errors import InputError
 
 GGUF_NAME = "adapter.gguf"
 DTYPES = ("f32", "f16")
 # dequantize_gguf's output types: (GGMLQuantizationType, LlamaFileType) names.
-BASE_DTYPES = {"f32": ("F32", "ALL_F32"), "bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16")}
+BASE_DTYPES = {"f32": ("F32", "ALL_F32"), "bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}  # q8_0: for speed comparisons (docs/PERFORMANCE.md, "Why not 4x")
 # Bump when the bytes written for the same adapter change (the eval cache keys on it).
 EXPORT_VERSION = 1
 
@@ -107,12 +110,23 @@ def gguf_tensor_name(module: str, tensor_map, arch: str) -> str:
 
 def export_gguf(adapter_dir: str | Path, base: str, out: str | Path, dtype: str = "f32") -> Path:
     """Write `adapter_dir` (a PEFT LoRA) as a GGUF LoRA for `base` to `out`, atomically; return `out`."""
+    reader = AdapterReader(adapter_dir)
+    # sorted like the safetensors keys, as llama.cpp's converter orders them
+    modules = {m: reader.factors(m) for m in reader.modules}
+    return write_gguf(modules, base, out, dtype, alpha=float(reader.spec.alpha), name=Path(adapter_dir).resolve().name)
+
+
+def write_gguf(modules: Mapping[str, Factors], base: str, out: str | Path, dtype: str = "f32", alpha: float = 0.0,
+               name: str = "lorablend") -> Path:
+    """Write LoRA factors (module -> Factors) as a GGUF LoRA for `base` to `out`, atomically.
+
+    llama.cpp scales each module by alpha / rank, or by 1 when alpha is 0 (the default here, for
+    factors that carry their own scale, such as a combination's); any other scale is folded into B.
+    """
     import gguf
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    reader = AdapterReader(adapter_dir)
-    spec = reader.spec
     config = base_config(base)
     arch = _arch_of(config, base)
     model_arch = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
@@ -122,34 +136,30 @@ def export_gguf(adapter_dir: str | Path, base: str, out: str | Path, dtype: str 
     n_kv_head = int(config.get("num_key_value_heads") or n_head)
     tensor_map = gguf.get_tensor_name_map(model_arch, n_layers)
 
-    alpha = float(spec.alpha)
     np_dtype = np.float32 if dtype == "f32" else np.float16
     tensors: list[tuple[str, np.ndarray]] = []
-    for module in reader.modules:  # sorted like the safetensors keys, as llama.cpp's converter orders them
-        name = gguf_tensor_name(module, tensor_map, arch_name)
-        f = reader.factors(module)
+    for module, f in modules.items():
+        tensor = gguf_tensor_name(module, tensor_map, arch_name)
         A, B = f.A, f.B
-        rank = A.shape[0]
-        # llama.cpp applies alpha / rank (or 1 when alpha is 0); fold any other PEFT scale into B.
-        applied = alpha / rank if alpha else 1.0
+        applied = alpha / A.shape[0] if alpha else 1.0
         if f.scale != applied:
             B = B * np.float32(f.scale / applied)
         if arch.permute_qk and module.endswith(".q_proj"):
             B = _permute(B, n_head)
         elif arch.permute_qk and module.endswith(".k_proj"):
             B = _permute(B, n_kv_head)
-        tensors.append((name + ".lora_a", np.ascontiguousarray(A, dtype=np_dtype)))
-        tensors.append((name + ".lora_b", np.ascontiguousarray(B, dtype=np_dtype)))
+        tensors.append((tensor + ".lora_a", np.ascontiguousarray(A, dtype=np_dtype)))
+        tensors.append((tensor + ".lora_b", np.ascontiguousarray(B, dtype=np_dtype)))
 
     out = Path(out)
     writer = gguf.GGUFWriter(None, arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_name(Path(adapter_dir).resolve().name)
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(name)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, arr in tensors:
-        writer.add_tensor(name, arr)
+    for tensor, arr in tensors:
+        writer.add_tensor(tensor, arr)
     try:
         _write_atomic(writer, out)
     except (PermissionError, NotADirectoryError, IsADirectoryError) as exc:
@@ -174,7 +184,7 @@ def dequantize_gguf(src: str | Path, out: str | Path, dtype: str = "f32") -> Pat
 
     llama.cpp's Q4_1 prompt processing is slower than PyTorch's fp32 GEMM (docs/PERFORMANCE.md).
     `f32` holds exactly the weights `gguf.quants.dequantize` gives, which are the weights
-    transformers' GGUF loader gives the torch path; `bf16` / `f16` round them once more.
+    transformers' GGUF loader gives the torch path; `bf16` / `f16` / `q8_0` round them once more.
     Tensors that are F32 already (the norms) stay F32; `general.file_type` says the new type.
     """
     import gguf

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .prompts import PromptFormat, end_of_turn_id, prompt_ids
+from .prompts import PromptFormat, common_prefix, end_of_turn_id, prompt_ids
 
 BACKENDS = ("auto", "torch", "llamacpp")
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
@@ -184,7 +184,10 @@ class LlamaCppModel:
         """Make exactly these PEFT adapter dirs (exported to GGUF, cached) available by name."""
         from .gguf_export import cached_gguf
 
-        files = {name: cached_gguf(path, self.model_id) for name, path in adapters.items()}
+        self.load_gguf_adapters({name: cached_gguf(path, self.model_id) for name, path in adapters.items()})
+
+    def load_gguf_adapters(self, files: dict[str, Path]) -> None:
+        """Make exactly these GGUF LoRA files available by name (a name whose file changed is reloaded)."""
         for name in [n for n in self._adapters if self._files[n] != files.get(n)]:
             self._apply(None)
             self._lib.llama_adapter_lora_free(self._adapters.pop(name))
@@ -193,8 +196,8 @@ class LlamaCppModel:
             if name not in self._adapters:
                 handle = self._lib.llama_adapter_lora_init(self.model, str(file).encode())
                 if not handle:
-                    raise InputError(f"llama.cpp could not load the GGUF adapter {file} (exported from "
-                                     f"{adapters[name]}); is it for base model {self.model_id}?")
+                    raise InputError(f"llama.cpp could not load the GGUF adapter {file}; is it for base model "
+                                     f"{self.model_id}?")
                 self._adapters[name], self._files[name] = handle, file
         if self._active not in self._adapters:
             self._active = None
@@ -260,8 +263,8 @@ class LlamaCppModel:
         lib, mem = self._lib, self._mem
         shared = min(len(p) for p in prompts) - 1  # every sequence evaluates at least its last prompt token
         for p in prompts[1:]:
-            shared = min(shared, _common(prompts[0], p))
-        keep = _common(self._cached, prompts[0][:shared])
+            shared = min(shared, common_prefix(prompts[0], p))
+        keep = common_prefix(self._cached, prompts[0][:shared])
         lib.llama_memory_seq_rm(mem, 0, keep, -1)
         self._decode([(t, keep + i, 0) for i, t in enumerate(prompts[0][keep:shared])], set())
         for seq in range(1, len(prompts)):
@@ -345,16 +348,6 @@ class LlamaCppModel:
         self.model = self.ctx = None
 
     __del__ = close
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """The length of the common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _init_backend(lib) -> None:

@@ -68,3 +68,13 @@ def training_pair(tokenizer, example: Example, fmt: PromptFormat = PromptFormat(
     p = prompt_ids(tokenizer, example, fmt)
     t = target_ids(tokenizer, example.target, fmt)
     return p + t, [-100] * len(p) + t
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two token lists (prompts share their chat header and instruction)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -261,9 +261,21 @@ METHOD_NOTES = """## How the adapters were made
 - Coefficients below 1e-6 are set to 0 and the rest renormalised (a softmin that is one-hot up to 1e-9 is
   the nearest adapter). Identical coefficient vectors (same combination) are evaluated once per entry;
   `reused` in the CSV marks the records that share an evaluation.
-- Generated adapters are exact in float32: factors are combined in memory and copied into LoRA slots of
-  the base model (scaling 1), which gives the same update as loading the PEFT files `generate` writes.
 """
+BACKEND_NOTES = {
+    "torch": "- Generated adapters are exact in float32: factors are combined in memory and copied into LoRA slots of\n"
+             "  the base model (scaling 1), which gives the same update as loading the PEFT files `generate` writes.\n",
+    "llamacpp": "- Generated adapters are combined in float32 in memory and written as float32 GGUF LoRA files (the update\n"
+                "  the PEFT files `generate` writes), which llama.cpp applies to its BF16 copy of the base model; see\n"
+                "  docs/PERFORMANCE.md for how its answers compare with PyTorch's.\n",
+}
+
+
+def _backend(run_path: Path) -> str:
+    """The generation backend of the run (records made before backends existed are torch's)."""
+    if not run_path.exists():
+        return "torch"
+    return json.loads(run_path.read_text(encoding="utf-8"))["runs"][-1].get("backend", "torch")
 
 
 def _run_facts(run_path: Path) -> list[str]:
@@ -279,7 +291,8 @@ def _run_facts(run_path: Path) -> list[str]:
         f"max new tokens: the task's budget (95th percentile of train reference lengths × 1.25 + 2) capped at "
         f"{last['max_new_tokens']}; batch size {last['batch_size']}",
         f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; torch {m['torch']}, {last['threads']} "
-        f"threads × {last['jobs']} job(s), executor {last['executor']}",
+        f"threads × {last['jobs']} job(s), executor {last['executor']}, generation backend {last.get('backend', 'torch')}"
+        + (" (llama.cpp on the base model's GGUF; adapters exported to GGUF LoRA)" if last.get("backend") == "llamacpp" else ""),
         f"- Wall time: {wall / 60:.1f} min in total over {len(runs)} invocation(s)",
     ]
 
@@ -310,7 +323,7 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
     weak = own_not_better(rows)
     lines += [f"## Entries whose own adapter does not beat the base model ({len(weak)})", ""]
     lines += [f"- {e}: own {o:.3f}, base {b:.3f}" for e, o, b in weak] or ["- none"]
-    lines += ["", METHOD_NOTES]
+    lines += ["", METHOD_NOTES + BACKEND_NOTES[_backend(csv_path.with_name("run.json"))]]
     if summaries:
         bar_chart(summaries, bars)
         lines += ["## Figures", "", f"![mean Rouge-L per setting and control]({bars.name})", ""]

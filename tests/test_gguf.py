@@ -210,9 +210,9 @@ def quantized_gguf(tmp_path_factory) -> Path:
     return _write_model_gguf(tmp_path_factory.mktemp("quantized") / "q.gguf", tensors, fields)
 
 
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8_0"])
 def test_dequantize_gguf_copies_metadata_and_dequantizes(quantized_gguf, tmp_path, dtype):
-    """Every field is copied (file_type says the new type); F32 is exactly gguf's dequantisation, bf16/f16 round it."""
+    """Every field is copied (file_type says the new type); F32 is exactly gguf's dequantisation, the others round it."""
     from gguf.quants import dequantize, quantize
     from gguf import GGMLQuantizationType as Q, GGUFReader
 
@@ -221,12 +221,12 @@ def test_dequantize_gguf_copies_metadata_and_dequantizes(quantized_gguf, tmp_pat
     out = dequantize_gguf(quantized_gguf, tmp_path / "out.gguf", dtype)
     src_fields, _ = _read(quantized_gguf)
     out_fields, out_tensors = _read(out)
-    assert out_fields.pop("general.file_type") == {"f32": 0, "bf16": 32, "f16": 1}[dtype]
+    assert out_fields.pop("general.file_type") == {"f32": 0, "bf16": 32, "f16": 1, "q8_0": 7}[dtype]
     src_fields.pop("general.file_type")
     assert out_fields == src_fields and list(out_fields) == list(src_fields)
     src = GGUFReader(quantized_gguf).tensors
     assert list(out_tensors) == [t.name for t in src]
-    want_type = {"f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16}[dtype]
+    want_type = {"f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0}[dtype]
     for t in src:
         kind, data = out_tensors[t.name]
         exact = dequantize(np.array(t.data), t.tensor_type)
@@ -236,7 +236,9 @@ def test_dequantize_gguf_copies_metadata_and_dequantizes(quantized_gguf, tmp_pat
             continue
         assert kind == want_type.name
         assert data.tobytes() == quantize(exact, want_type).tobytes(), t.name
-        np.testing.assert_allclose(dequantize(data, want_type), exact, rtol=1e-2, atol=1e-6)
+        # q8_0 blocks of 32 share one scale: the error is up to half a step of the block maximum / 127
+        atol = np.abs(exact).max() / 250 if dtype == "q8_0" else 1e-6
+        np.testing.assert_allclose(dequantize(data, want_type).reshape(exact.shape), exact, rtol=1e-2, atol=atol)
 
 
 def test_dequantize_gguf_bad_input(quantized_gguf, tmp_path):
@@ -245,7 +247,7 @@ def test_dequantize_gguf_bad_input(quantized_gguf, tmp_path):
     (tmp_path / "not.gguf").write_text("hello")
     for args, message in (((tmp_path / "not.gguf", tmp_path / "o.gguf"), "not a readable GGUF file"),
                           ((tmp_path / "missing.gguf", tmp_path / "o.gguf"), "not a readable GGUF file"),
-                          ((quantized_gguf, tmp_path / "o.gguf", "q8_0"), "dtype must be one of f32, bf16, f16")):
+                          ((quantized_gguf, tmp_path / "o.gguf", "q4_k"), "dtype must be one of f32, bf16, f16, q8_0")):
         with pytest.raises(InputError, match=message) as err:
             dequantize_gguf(*args)
         assert "\n" not in str(err.value)
@@ -616,3 +618,43 @@ def test_generate_gguf_flag(tiny_bank, tmp_path, capfd):
     fields, tensors = _read(tmp_path / "out" / "adapter.gguf")
     assert fields["general.type"] == "adapter" and len(tensors) == 2 * 2 * 2  # 2 layers x (q, v) x (a, b)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_bench_llamacpp_backend(converted, tmp_path):
+    """`lorablend bench --backend llamacpp`: every adapter (controls and mixtures) exported with `write_gguf` and
+    run by llama.cpp. The own-adapter control answers exactly as the PEFT dir's export does through `eval`,
+    adapters change answers, the records agree with the torch backend's, and the two never share a results dir."""
+    from conftest import make_bank
+
+    from lorablend.bank import Bank
+    from lorablend.bench import BenchConfig, RecordStore, run_bench, test_sample
+    from lorablend.dataset import load_dataset
+    from lorablend.evaluate import answers_with, load_for_eval
+    from lorablend.sketch import build_index
+
+    root = make_bank(tmp_path / "bank", converted["model"], topics=("animals", "math", "weather", "code"))
+    bank = Bank.open(root)
+    build_index(bank)
+    settings = ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto")
+    common = dict(bank=str(root), entries=("math",), holdouts=("entry",), n=3, max_new_tokens=5, threads=1, presets=(),
+                  settings=settings)
+    runs = {b: run_bench(BenchConfig(results=tmp_path / b, backend=b, **common)) for b in ("llamacpp", "torch")}
+    records = {b: {r["label"]: r for r in RecordStore(run.results).all()} for b, run in runs.items()}
+    assert json.loads((tmp_path / "llamacpp" / "config.json").read_text())["backend"] == "llamacpp"
+    assert json.loads((tmp_path / "llamacpp" / "run.json").read_text())["runs"][0]["backend"] == "llamacpp"
+    mine = records["llamacpp"]
+    assert set(mine) == set(records["torch"]) and {"base", "own"} <= set(mine) and len(mine) >= 6
+
+    entry = bank.entry("math")
+    examples = test_sample(load_dataset(bank.dataset_path(entry), name="math"), 3, 0)
+    lm, tok = load_for_eval(str(converted["model"]), {"own": str(root / entry.adapter_dir)}, backend="llamacpp")
+    budget = mine["own"]["max_new_tokens"]
+    assert mine["own"]["answers"] == answers_with(lm, "own", tok, examples, max_new_tokens=budget)
+    assert mine["base"]["answers"] == answers_with(lm, None, tok, examples, max_new_tokens=budget)
+    lm.close()
+    assert mine["own"]["answers"] != mine["base"]["answers"]
+    # f32 GGUF vs f32 torch on a random model: near-ties may break either way, most answers agree
+    pairs = [(a, b) for label in mine for a, b in zip(mine[label]["answers"], records["torch"][label]["answers"])]
+    assert sum(a == b for a, b in pairs) >= 0.75 * len(pairs), pairs
+    with pytest.raises(InputError, match="backend"):
+        run_bench(BenchConfig(results=tmp_path / "llamacpp", backend="torch", **common))

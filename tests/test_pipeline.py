@@ -199,6 +199,46 @@ def test_mixture_scorer_hooks_equal_the_cat_adapter(tiny_bank, tiny_model_dir, u
     assert abs(scorer.loss(np.zeros(len(w))) - hooked) > 1e-6  # the adapters do change the loss
 
 
+def test_mixture_scorer_runs_the_shared_prompt_prefix_once_and_exactly(tiny_bank, tiny_model_dir, user_dataset):
+    """The scorer runs the examples' common prefix once and the suffixes on its KV cache: the loss equals
+    the model's own label loss on the full, unshared prompts, with and without adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorablend.ce import MixtureScorer
+    from lorablend.generate import open_readers
+    from lorablend.prompts import training_pair
+
+    bank = Bank.open(tiny_bank)
+    examples = load_dataset(user_dataset).split("train")[:5]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    scorer = MixtureScorer(model, tok, list(open_readers(bank, bank.names).values()), examples, bf16=False)
+    assert scorer._prefix is not None and scorer._prefix.shape[1] >= 3
+    pairs = [training_pair(tok, e) for e in examples]
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p, _ in pairs])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p, _ in pairs])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
+    for w in (np.zeros(len(bank.names)), np.full(len(bank.names), 1 / len(bank.names)), np.eye(len(bank.names))[2]):
+        shared = scorer.loss(w)  # leaves the hooks on with these weights for the reference pass
+        with torch.inference_mode():
+            full = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        assert abs(shared - full) < 1e-5, (w, shared, full)
+    scorer.close()
+
+
+def test_ce_cost_benchmark_runs(tiny_bank, capsys):
+    """`python -m lorablend.benchmarks.ce_cost` on the tiny bank: both modes timed, their losses agree."""
+    from lorablend.benchmarks.ce_cost import main
+
+    main(["--bank", str(tiny_bank), "--tasks", "2", "--every", "2", "--k", "4", "--candidates", "2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["task"] for r in rows[:-1]] == Bank.open(tiny_bank).names[::2][:2]
+    assert all(r["shared_cpu_s"] > 0 and r["whole_cpu_s"] > 0 and r["max_abs_diff"] < 0.05 for r in rows[:-1]), rows
+    assert rows[-1]["ratio"] > 0
+
+
 def test_demo_scores_base_generated_and_own_on_a_bank_task(tiny_bank, tmp_path, capfd):
     """`lorablend demo` end to end (the README's main command), on the tiny bank with PyTorch."""
     from test_errors import run_cli
