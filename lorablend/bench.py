@@ -25,13 +25,12 @@ each entry gets one ce row over every other entry, computed once, cached in RESU
 passes of its own (one fit per entry and holdout). Every record carries `cost_s`, what
 `generate` would spend on that adapter after loading the model and sketching the query:
 candidates × the entry's measured seconds per ce pass, plus the fit's time, plus the
-combination. On SmolLM2 a ce candidate costs one bf16 pass over the k examples, ~400
-tokens per CPU-second: measured 6.6 CPU-s (qasc, 2,500 padded tokens) to 10.8 CPU-s
-(quoref, 4,700); the default bank's tasks average 3,900 tokens, ~9 CPU-s. Per entry of
-the 61-entry bank the ce row (61 passes) is ~9 CPU-min and the fit setting (2 holdouts ×
-40 passes) ~12 CPU-min, so the model-based settings add ~21 CPU-hours (~11 h on 2 cores
-with --jobs 2) to the ~2 h of the others: they form their own preset, `labelled`, outside
-the default run (figures measured at load 5-12 on 2 cores).
+combination. On SmolLM2 a ce candidate costs one bf16 pass over the k examples, their
+shared prompt prefix run once: 2.1–6.4 CPU-s on five default-bank tasks, 4.0 on average
+(`python -m lorablend.benchmarks.ce_cost`). Per entry of the 61-entry bank the ce row (61
+passes) is ~4 CPU-min and the fit setting (2 holdouts × 40 passes) ~5 CPU-min, so the
+model-based settings add ~9 CPU-hours (~5 h on 2 cores with --jobs 2, estimated) to the ≤ 2 h of the
+others: they form their own preset, `labelled`, outside the default run.
 
 What keeps ~4000 distributional records within two hours on two cores:
 - Distance rows and Gram matrices are computed once per (sketch, metric) and per
@@ -40,9 +39,11 @@ What keeps ~4000 distributional records within two hours on two cores:
 - Identical adapters are evaluated once per entry: a record points at an
   evaluation key, the hash of (coefficients, combine, rank), and a one-hot vector
   is the bank adapter itself. Coefficients below `PRUNE` are zeroed first.
-- Each worker loads the base model once, with a few LoRA slots; adapters are
-  combined in memory from cached bank factors, copied into the slots (never
-  written to disk) and decoded together in PEFT mixed-adapter batches.
+- Each worker loads the base model once. Adapters are combined in memory from
+  cached bank factors. With `--backend torch` they are copied into a few LoRA slots
+  of the model and decoded together in PEFT mixed-adapter batches; with llama.cpp
+  (the default when installed) each is written as a GGUF LoRA to a temporary dir
+  and loaded into the worker's one llama.cpp model, about 2× faster per evaluation.
 - Every record is one JSON file written atomically under RESULTS/records/ENTRY/,
   so a killed run resumes where it stopped. RESULTS/config.json pins what the
   records were computed with; a run with other options refuses to mix with them.
@@ -81,7 +82,7 @@ PRESETS = {
         "target-tokens/js/normalized/svd/auto",
     ),
     # the model-based steps on 16 labelled train examples (T1/top8 for ce chosen a priori, not on results).
-    # Not a default preset: on SmolLM2 they cost ~21 CPU-hours over 61 entries x 2 holdouts, beyond the
+    # Not a default preset: on SmolLM2 they cost ~9 CPU-hours over 61 entries x 2 holdouts, beyond the
     # 2-hour budget of the default run; run them with `--preset labelled` (resumable, `--jobs`, Ray).
     "labelled": (
         "embeddings/js/normalized/svd/auto/rerank16",

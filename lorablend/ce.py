@@ -69,9 +69,7 @@ class MixtureScorer:
         width = max(len(p) for p, _ in pairs)
         self._ids = torch.tensor([p + [pad] * (width - len(p)) for p, _ in pairs])
         self._mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p, _ in pairs])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
-        self._targets = labels[:, 1:]  # position t predicts token t+1
-        self._at = self._targets != -100
+        self._labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
 
     @staticmethod
     def _stack(readers: list[AdapterReader], module: str) -> _Stack:
@@ -104,17 +102,17 @@ class MixtureScorer:
         """Mean per-token cross-entropy of the targets (logits only at target positions)."""
         import torch
 
+        from .models import target_loss
+
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         self.evaluations += 1
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            body, mask, cache = self.model.base_model, self._mask, None
+            mask, cache = self._mask, None
             if self._prefix is not None:
-                cache = body(input_ids=self._prefix, use_cache=True).past_key_values
+                cache = self.model.base_model(input_ids=self._prefix, use_cache=True).past_key_values
                 cache.batch_repeat_interleave(len(self._ids))
                 mask = torch.cat([torch.ones(len(mask), self._prefix.shape[1], dtype=mask.dtype), mask], dim=1)
-            hidden = body(input_ids=self._ids, attention_mask=mask, past_key_values=cache).last_hidden_state[:, :-1]
-            logits = self.model.get_output_embeddings()(hidden[self._at]).float()
-        return float(torch.nn.functional.cross_entropy(logits, self._targets[self._at]))
+            return float(target_loss(self.model, self._ids, mask, self._labels, past_key_values=cache))
 
     def ce_row(self) -> np.ndarray:
         """CE with each candidate alone, minus the base model's CE (lower = fits better)."""

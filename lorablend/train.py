@@ -21,6 +21,7 @@ from .bank import Bank, BankEntry
 from .dataset import Dataset, Example, load_dataset, save_dataset
 from .errors import InputError
 from .evaluate import Scores, generate_answers, max_new_tokens_for
+from .models import target_loss
 from .prompts import PromptFormat, training_pair
 
 
@@ -100,13 +101,13 @@ def _batches(pairs: list[tuple[list[int], list[int]]], cfg: TrainConfig, rng: ra
         yield ids, labels, mask
 
 
-def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed: int, fmt: PromptFormat, on_step=None):
-    """Wrap `model` with a fresh LoRA and train it; returns the PEFT model (unload() restores the base)."""
+def add_lora(model, cfg: TrainConfig, seed: int):
+    """`model` wrapped with a fresh LoRA (A drawn from `seed`, B zero, as PEFT initialises it)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(
+    return get_peft_model(
         model,
         LoraConfig(
             r=cfg.r,
@@ -117,15 +118,23 @@ def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed
             task_type="CAUSAL_LM",
         ),
     )
+
+
+def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed: int, fmt: PromptFormat, on_step=None):
+    """Wrap `model` with a fresh LoRA and train it; returns the PEFT model (unload() restores the base)."""
+    import torch
+
+    peft_model = add_lora(model, cfg, seed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * (1 - s / cfg.steps) + 0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = [training_pair(tokenizer, e, fmt) for e in examples]
+    causal_lm = peft_model.get_base_model()  # with the LoRA layers in it
     peft_model.train()
     for ids, labels, mask in _batches(pairs, cfg, random.Random(seed), pad):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = target_loss(causal_lm, ids, mask, labels)
         loss.backward()
         opt.step()
         sched.step()

@@ -228,6 +228,39 @@ def test_mixture_scorer_runs_the_shared_prompt_prefix_once_and_exactly(tiny_bank
     scorer.close()
 
 
+def test_target_loss_equals_the_models_label_loss_and_gradients(tiny_model_dir, user_dataset):
+    """Training's loss projects only the target positions onto the vocabulary: same value and LoRA gradients as
+    transformers' `labels=` loss over every position."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorablend.models import target_loss
+    from lorablend.prompts import training_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pairs = [training_pair(tok, e) for e in load_dataset(user_dataset).split("train")[:4]]
+    width = max(len(p) for p, _ in pairs)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p, _ in pairs])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p, _ in pairs])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
+    lora = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for loss_of in (lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                    lambda: target_loss(model.get_base_model(), ids, mask, labels)):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in lora]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads[1][1])
+
+
 def test_ce_cost_benchmark_runs(tiny_bank, capsys):
     """`python -m lorablend.benchmarks.ce_cost` on the tiny bank: both modes timed, their losses agree."""
     from lorablend.benchmarks.ce_cost import main
