@@ -910,7 +910,9 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
         finished = True
     finally:  # an interrupted run is logged too: its wall time counts in the report
         seconds = time.perf_counter() - t0
-        log_run(results, cfg, n, backend, started, seconds, store.count() - before, finished)
+        present = sum(store.path(e, s.holdout, s.label).exists() for e in entries for s in slots)
+        log_run(results, cfg, n, backend, started, seconds, store.count() - before, finished,
+                (present, len(entries) * len(slots)))
     return BenchRun(results, export(store, results), store.count() - before, len(entries) * len(slots), seconds)
 
 
@@ -1062,12 +1064,15 @@ def machine() -> dict:
 
 
 def log_run(results: Path, cfg: BenchConfig, n: int, backend: str, started: str, seconds: float, written: int,
-            finished: bool) -> None:
-    """Append this invocation to RESULTS/run.json (the report sums wall time over resumed runs)."""
+            finished: bool, records: tuple[int, int]) -> None:
+    """Append this invocation to RESULTS/run.json (the report sums wall time over resumed runs).
+
+    `records`: how many of this invocation's records exist after it, of how many it asked for.
+    """
     path = results / "run.json"
     runs = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.exists() else []
     runs.append({"command": cfg.command or " ".join(sys.argv), "started_utc": started, "wall_seconds": round(seconds, 1),
-                 "records_written": written, "finished": finished, "n": n, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+                 "records_written": written, "records_present": records[0], "records_total": records[1], "finished": finished, "n": n, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
                  "jobs": cfg.jobs, "threads": cfg.threads or threads_per_job(cfg.jobs), "executor": cfg.executor, "backend": backend,
                  "machine": machine()})
     write_json(path, {"runs": runs})

@@ -294,7 +294,9 @@ def _run_facts(run_path: Path) -> list[str]:
         f"threads × {last['jobs']} job(s), executor {last['executor']}, generation backend {last.get('backend', 'torch')}"
         + (" (llama.cpp on the base model's GGUF; adapters exported to GGUF LoRA)" if last.get("backend") == "llamacpp" else ""),
         f"- Wall time: {wall / 60:.1f} min in total over {len(runs)} invocation(s)",
-    ]
+    ] + ([f"- **Incomplete:** {last['records_present']} of the {last['records_total']} records the command asks for "
+          "exist; the tables below cover those only. Rerun the command to resume."]
+         if last.get("records_present", 0) < last.get("records_total", 0) else [])
 
 
 def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Path:

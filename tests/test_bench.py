@@ -151,6 +151,13 @@ def test_a_killed_run_resumes_without_recomputing(tiny_bank, tmp_path, monkeypat
     root = tmp_path / "r" / "records"
     kept = {p.relative_to(root): p.read_text() for p in root.rglob("*.json")}
     assert 3 <= len(kept) < 2 * 5
+    from lorablend.bench import export
+    from lorablend.report import write_report
+
+    last = json.loads((tmp_path / "r" / "run.json").read_text())["runs"][-1]
+    assert (last["finished"], last["records_present"], last["records_total"]) == (False, len(kept), 10)
+    report = write_report(export(RecordStore(tmp_path / "r"), tmp_path / "r"), tmp_path / "partial.md").read_text()
+    assert f"**Incomplete:** {len(kept)} of the 10 records" in report
     calls.clear()
     fail_after = None
     run = run_bench(cfg)
@@ -158,6 +165,8 @@ def test_a_killed_run_resumes_without_recomputing(tiny_bank, tmp_path, monkeypat
     distinct = len({(r["entry"], r["eval_key"]) for r in records})
     assert len(calls) == distinct - 3 and run.written == len(records) - len(kept) == 10 - len(kept)
     assert all((root / rel).read_text() == text for rel, text in kept.items())  # untouched
+    report = write_report(export(RecordStore(tmp_path / "r"), tmp_path / "r"), tmp_path / "full.md").read_text()
+    assert "Incomplete" not in report
     calls.clear()
     assert run_bench(cfg).written == 0 and calls == []  # a finished study computes nothing
 
