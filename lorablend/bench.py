@@ -93,7 +93,7 @@ PRESETS = {
     "quick": ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto"),
 }
 DEFAULT_PRESETS = ("paper", "best")
-DEFAULT_N = 4  # with the llama.cpp backend, the distributional settings of both presets, both holdouts, 61 entries fit in ~2 h on 2 cores
+DEFAULT_N = 4  # both default presets, both holdouts, 61 entries: 57.6 min on 2 cores (llama.cpp, --jobs 2; docs/RESULTS.md)
 DEFAULT_MAX_NEW_TOKENS = 32
 QUICK_N = 15  # the quick preset: one entry per family (10 on the default bank), holdout entry
 PRUNE = 1e-6
