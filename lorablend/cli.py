@@ -291,7 +291,7 @@ def bench_cmd(
     preset: List[str] = typer.Option([], help="paper (the paper's 12 settings) | best (lorablend's) | labelled (ce, rerank, fit: slow) | quick; "
                                      "repeatable. Default: paper and best (unless --settings is given)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset: 2 settings, one entry per family, holdout "
-                               "entry, 15 examples (~12 min on the 61-entry default bank, 2 cores)."),
+                               "entry, 15 examples (5.6 min on the 61-entry default bank with --jobs 2, 2 cores)."),
     settings: List[str] = typer.Option([], "--settings", help="A setting such as tokens/js/normalized/svd/T1/top8, "
                                        "embeddings/js/normalized/svd/auto (T and top-k calibrated on the bank), "
                                        ".../auto/rerank16, tokens/ce/normalized/svd/T1/top8 or embeddings/js/fit/svd/T1/rerank16 "
