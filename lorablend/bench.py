@@ -26,7 +26,7 @@ passes of its own (one fit per entry and holdout). Every record carries `cost_s`
 `generate` would spend on that adapter after loading the model and sketching the query:
 candidates × the entry's measured seconds per ce pass, plus the fit's time, plus the
 combination. On SmolLM2 a ce candidate costs one bf16 pass over the k examples, their
-shared prompt prefix run once: 2.1–6.4 CPU-s on five default-bank tasks, 4.0 on average
+shared prompt prefix run once: 1.9–5.7 CPU-s on five default-bank tasks, 3.5 on average
 (`python -m lorablend.benchmarks.ce_cost`). Per entry of the 61-entry bank the ce row (61
 passes) is ~4 CPU-min and the fit setting (2 holdouts × 40 passes) ~5 CPU-min, so the
 model-based settings add ~9 CPU-hours (~5 h on 2 cores with --jobs 2, estimated) to the ≤ 2 h of the

@@ -13,9 +13,9 @@ candidates, is one forward pass; nothing is reloaded. No gradient is taken.
 
 Cost: one bf16 pass over the k examples per candidate (and per fit step). The examples'
 common prefix (chat header and task instruction, ~125 of ~205 tokens per NI example) runs
-once per pass and the suffixes attend to its KV cache: 1.6–2.6× fewer CPU-s per candidate
-than whole prompts on five default-bank tasks, 2.1–6.4 CPU-s each (k = 16, 1 thread; table
-and command in docs/PERFORMANCE.md, "ce"). `--rerank 16` thus costs ~35–110 CPU-s. Mistral-7B
+once per pass and the suffixes attend to its KV cache: 1.65–2.5× fewer CPU-s per candidate
+than whole prompts on five default-bank tasks, 1.9–5.7 CPU-s each (k = 16, 1 thread; table
+and command in docs/PERFORMANCE.md, "ce"). `--rerank 16` thus costs ~30–100 CPU-s. Mistral-7B
 has ~66× SmolLM2's non-embedding weights: ~2–7 CPU-min per candidate, estimated, not measured.
 """
 
