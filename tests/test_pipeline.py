@@ -268,7 +268,7 @@ def test_ce_cost_benchmark_runs(tiny_bank, capsys):
     main(["--bank", str(tiny_bank), "--tasks", "2", "--every", "2", "--k", "4", "--candidates", "2"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["task"] for r in rows[:-1]] == Bank.open(tiny_bank).names[::2][:2]
-    assert all(r["shared_cpu_s"] > 0 and r["whole_cpu_s"] > 0 and r["max_abs_diff"] < 0.05 for r in rows[:-1]), rows
+    assert all(r["shared_cpu_s"] >= 0 and r["whole_cpu_s"] >= 0 and r["max_abs_diff"] < 0.05 for r in rows[:-1]), rows
     assert rows[-1]["ratio"] > 0
 
 

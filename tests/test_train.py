@@ -48,7 +48,7 @@ def test_manifest_records_each_entry(built):
     seeds = set()
     for e in bank.entries:
         info = e.info
-        assert info["steps"] == 3 and info["train_seconds"] > 0 and 1 <= info["eval_examples"] <= 3
+        assert info["steps"] == 3 and info["train_seconds"] >= 0 and 1 <= info["eval_examples"] <= 3  # 0.0 s on a fast CPU
         assert 0 <= info["own_rouge_l"] <= 1 and 0 <= info["base_rouge_l"] <= 1
         seeds.add(info["seed"])
         with safe_open(str(bank.adapter_path(e) / "adapter_model.safetensors"), "pt") as f:

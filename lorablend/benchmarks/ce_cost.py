@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         row["max_abs_diff"] = round(float(np.abs(losses["whole"] - losses["shared"]).max()), 4)
         print(json.dumps(row), flush=True)
     print(json.dumps({"mean_cpu_s_per_candidate": {m: round(float(np.mean(v)), 4) for m, v in totals.items()},
-                      "ratio": round(float(np.mean(totals["whole"]) / np.mean(totals["shared"])), 2)}))
+                      "ratio": round(float(np.mean(totals["whole"]) / max(np.mean(totals["shared"]), 1e-9)), 2)}))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({"cpu_ratio": round(rows[0]["cpu_s_per_step"] / rows[1]["cpu_s_per_step"], 2),
+    print(json.dumps({"cpu_ratio": round(rows[0]["cpu_s_per_step"] / max(rows[1]["cpu_s_per_step"], 1e-9), 2),
                       "rss_ratio": round(rows[0]["peak_rss_gb"] / rows[1]["peak_rss_gb"], 2)}))
 
 
