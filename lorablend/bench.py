@@ -489,6 +489,10 @@ class RecordStore:
     def all(self) -> list[dict]:
         return [rec for e in self.entries() for rec in self.load(e).values()]
 
+    def missing(self, entries: list[str], slots: list) -> dict[str, int]:
+        """Per entry, how many of these slots have no record yet."""
+        return {e: sum(not self.path(e, s.holdout, s.label).exists() for s in slots) for e in entries}
+
     def count(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
 
@@ -894,7 +898,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
     pin_config(results, bank, cfg, n, backend)
     store = RecordStore(results)
     slots = slots_for(specs, holdouts)
-    missing = {e: sum(not store.path(e, s.holdout, s.label).exists() for s in slots) for e in entries}
+    missing = store.missing(entries, slots)
     todo = [e for e in entries if missing[e]]
     reporter.start(sum(missing.values()))
     before, finished = store.count(), False
@@ -910,9 +914,9 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
         finished = True
     finally:  # an interrupted run is logged too: its wall time counts in the report
         seconds = time.perf_counter() - t0
-        present = sum(store.path(e, s.holdout, s.label).exists() for e in entries for s in slots)
+        total = len(entries) * len(slots)
         log_run(results, cfg, n, backend, started, seconds, store.count() - before, finished,
-                (present, len(entries) * len(slots)))
+                (total - sum(store.missing(entries, slots).values()), total))
     return BenchRun(results, export(store, results), store.count() - before, len(entries) * len(slots), seconds)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from .adapter import AdapterReader
 from .dataset import Example
 from .errors import InputError
-from .prompts import PromptFormat, common_prefix, training_pair
+from .prompts import PromptFormat, common_prefix, pad_pairs, training_pair
 
 CE_EXAMPLES = 16
 
@@ -60,15 +60,13 @@ class MixtureScorer:
         pairs = [training_pair(tokenizer, e, fmt) for e in examples]
         # The chat header and task instruction every example starts with (~60% of NI tokens) run once per
         # pass; it ends inside every prompt, so all targets are predicted from the suffixes.
-        shared = min([common_prefix(pairs[0][0], ids) for ids, _ in pairs] + [_prompt_len(lab) - 1 for _, lab in pairs]
-                     + [0 if not share_prefix else len(pairs[0][0])])
-        self._prefix = torch.tensor([pairs[0][0][:shared]]) if shared > 0 else None
-        pairs = [(ids[max(shared, 0):], lab[max(shared, 0):]) for ids, lab in pairs]
+        shared = 0
+        if share_prefix:
+            shared = max(0, min([common_prefix(pairs[0][0], ids) for ids, _ in pairs]
+                                + [_prompt_len(lab) - 1 for _, lab in pairs]))
+        self._prefix = torch.tensor([pairs[0][0][:shared]]) if shared else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        width = max(len(p) for p, _ in pairs)
-        self._ids = torch.tensor([p + [pad] * (width - len(p)) for p, _ in pairs])
-        self._mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p, _ in pairs])
-        self._labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
+        self._ids, self._labels, self._mask = pad_pairs([(ids[shared:], lab[shared:]) for ids, lab in pairs], pad)
 
     @staticmethod
     def _stack(readers: list[AdapterReader], module: str) -> _Stack:

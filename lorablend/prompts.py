@@ -78,3 +78,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def pad_pairs(pairs: list[tuple[list[int], list[int]]], pad: int):
+    """`training_pair`s right-padded into tensors (input ids, labels with -100 on padding, attention mask)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.tensor([p + [pad] * (width - len(p)) for p, _ in pairs])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p, _ in pairs])
+    return ids, labels, mask

@@ -22,7 +22,7 @@ from .dataset import Dataset, Example, load_dataset, save_dataset
 from .errors import InputError
 from .evaluate import Scores, generate_answers, max_new_tokens_for
 from .models import target_loss
-from .prompts import PromptFormat, training_pair
+from .prompts import PromptFormat, pad_pairs, training_pair
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,6 @@ def interleave_families(tasks: list[Task]) -> list[Task]:
 
 
 def _batches(pairs: list[tuple[list[int], list[int]]], cfg: TrainConfig, rng: random.Random, pad: int):
-    import torch
-
     order: list[int] = []
     for _ in range(cfg.steps):
         if len(order) < cfg.batch_size:
@@ -94,11 +92,7 @@ def _batches(pairs: list[tuple[list[int], list[int]]], cfg: TrainConfig, rng: ra
             rng.shuffle(fresh)
             order += fresh
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        width = max(len(pairs[i][0]) for i in idx)
-        ids = torch.tensor([pairs[i][0] + [pad] * (width - len(pairs[i][0])) for i in idx])
-        labels = torch.tensor([pairs[i][1] + [-100] * (width - len(pairs[i][1])) for i in idx])
-        mask = torch.tensor([[1] * len(pairs[i][0]) + [0] * (width - len(pairs[i][0])) for i in idx])
-        yield ids, labels, mask
+        yield pad_pairs([pairs[i] for i in idx], pad)
 
 
 def add_lora(model, cfg: TrainConfig, seed: int):
