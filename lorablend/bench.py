@@ -14,9 +14,11 @@ target-tokens | target-embeddings; metric: wd | kl | js | mmd, or ce (the base m
 target cross-entropy with each candidate alone minus without, on the entry's first
 CE_EXAMPLES train examples; the sketch is then unused); operator: attentional | normalized
 | neural, or fit (Nelder–Mead on the weights of the top-m candidates, m = rerank or top-k
-or 16, started from their softmin, 40 forward passes, seed 0); `rerank<m>`: keep the m
-nearest by the sketch distance, then rank them by ce (with `auto`, T and top-k are
-calibrated on the sketch distance and applied to the reranked ce).
+or 16, started from their softmin, 40 forward passes, seed 0; with both rerank and top-k, the
+k of the m lowest in ce are searched); `rerank<m>`: keep the m nearest by the sketch
+distance, then rank them by ce (with `auto`, T and top-k are calibrated on the sketch
+distance and applied to the reranked ce). Every label runs as it is in `lorablend generate
+--setting LABEL`.
 
 Model-based settings (ce, rerank, fit) cost forward passes of the base model over k = 16
 train examples, never the test split. A candidate's ce does not depend on the others, so
@@ -69,7 +71,7 @@ from .atomic import write_json
 from .bank import Bank
 from .errors import InputError
 from .ce import CE_EXAMPLES
-from .generate import Setting, coefficient_row, exclusions, mixture_scorer, open_readers
+from .generate import Setting, check_auto, coefficient_row, exclusions, mixture_scorer, open_readers
 
 HOLDOUTS = ("entry", "family")
 _PAPER_METRICS = ("wd", "kl", "js", "mmd")
@@ -77,17 +79,20 @@ PRESETS = {
     # the paper's 12: its sketch, metrics, operators and inexact combination, no temperature
     "paper": tuple(f"tokens/{m}/{op}/paper/T1" for m in _PAPER_METRICS for op in ("attentional", "normalized", "neural")),
     # lorablend's candidates: embedding clouds, exact truncated combination, (T, k) calibrated on the bank;
-    # an output-side sketch
+    # an output-side sketch; the single bank adapter nearest by it (the demo's setting)
     "best": tuple(f"embeddings/{m}/normalized/svd/auto" for m in _PAPER_METRICS) + (
         "target-tokens/js/normalized/svd/auto",
+        "target-tokens/js/normalized/svd/T1/top1",
     ),
     # the model-based steps on 16 labelled train examples (T1/top8 for ce chosen a priori, not on results).
     # Not a default preset: on SmolLM2 they cost ~9 CPU-hours over 61 entries x 2 holdouts, beyond the
     # 2-hour budget of the default run; run them with `--preset labelled` (resumable, `--jobs`, Ray).
     "labelled": (
         "embeddings/js/normalized/svd/auto/rerank16",
+        "target-tokens/js/normalized/svd/auto/rerank16",
+        "target-tokens/js/normalized/svd/T1/top1/rerank16",
         "tokens/ce/normalized/svd/T1/top8",
-        "embeddings/js/fit/svd/T1/rerank16",
+        "target-tokens/js/fit/svd/T1/top4/rerank16",
     ),
     # the paper's best setting next to lorablend's, for a look in minutes (5.6 min with --jobs 2 on 2 cores, 61-entry bank)
     "quick": ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto"),
@@ -120,8 +125,9 @@ class Spec:
 
     @property
     def space(self) -> str:
-        """The Gram space matching the combination: the paper averages parameters, svd/cat the updates."""
-        return "params" if self.setting.combine == "paper" else "update"
+        from .metafit import space_for
+
+        return space_for(self.setting.combine)
 
     @property
     def has_top_k(self) -> bool:
@@ -154,14 +160,15 @@ def parse_setting(text: str) -> Spec:
         except ValueError:
             raise InputError(f"setting '{text}': cannot read '{p}' (use T<temperature>, top<k>, rerank<m>, r<rank> "
                              "or auto)") from None
-    if auto and ({"temperature", "top_k"} & set(kw) or operator not in ("attentional", "normalized")):
-        raise InputError(f"setting '{text}': auto calibrates T and top-k for the attentional or normalized operator; "
-                         "drop T/top or auto")
-    if auto and metric == "ce":
-        raise InputError(f"setting '{text}': auto calibrates on the bank's distance matrix, which metric ce does not "
-                         "have; give T and top instead")
+    if auto and {"temperature", "top_k"} & set(kw):
+        raise InputError(f"setting '{text}': auto chooses T and top-k; drop T/top or auto")
     spec = Spec(Setting(sketch, metric, operator, combine, **kw), auto)
     spec.setting.check()
+    if auto:
+        try:
+            check_auto(spec.setting)
+        except InputError as e:
+            raise InputError(f"setting '{text}': {e}") from None
     return spec
 
 
@@ -254,21 +261,11 @@ def compute_matrices(bank: Bank, specs: list[Spec], cache: Path, seed: int, stat
     dists, spaces = needed(specs)
     out = Matrices()
     for sk, m in dists:
-        out.D[(sk, m)] = _cached_array(cache / f"D-{sk}-{m}.npy", lambda: metafit.distance_matrix(bank, sk, m, seed), status)
+        out.D[(sk, m)] = metafit.cached_array(cache / f"D-{sk}-{m}.npy",
+                                              lambda: metafit.distance_matrix(bank, sk, m, seed), status)
     for sp in spaces:
-        out.G[sp] = _cached_array(cache / f"G-{sp}.npy", lambda: metafit.gram(bank, sp), status)
+        out.G[sp] = metafit.cached_array(cache / f"G-{sp}.npy", lambda: metafit.gram(bank, sp), status)
     return out
-
-
-def _cached_array(path: Path, make, status=None) -> np.ndarray:
-    if not path.exists():
-        if status:
-            status(f"computing {path.stem}")
-        from .atomic import atomic_file
-
-        with atomic_file(path) as fh:
-            np.save(fh, make())
-    return np.load(path)
 
 
 def prune(c: np.ndarray, floor: float = PRUNE) -> np.ndarray:

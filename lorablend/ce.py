@@ -120,24 +120,35 @@ class MixtureScorer:
     def fit(self, init: np.ndarray, budget: int = 40, penalty: float = 0.01, seed: int = 0) -> np.ndarray:
         """Gradient-free search of mixture weights (Nelder–Mead on softmax logits), started at `init`.
 
-        The entropy penalty favours few adapters; the budget bounds forward passes.
+        Only the candidates `init` weighs (> 0) are searched: a top-k start fits k weights, and the
+        budget is not spent on the simplex's steps along dimensions that start at zero. The entropy
+        penalty favours few adapters; the budget bounds forward passes.
         """
         from scipy.optimize import minimize
 
         from .coefficients import softmin
 
-        init = np.clip(np.asarray(init, dtype=np.float64), 1e-6, None)
-        z0 = np.log(init / init.sum())
+        init = np.asarray(init, dtype=np.float64)
+        active = np.flatnonzero(init > 0)
+        w = np.zeros(len(init))
+        if len(active) < 2:
+            w[active] = 1.0
+            return w
+        z0 = np.log(init[active] / init[active].sum())
+
+        def weights(z):
+            w[active] = softmin(-z)
+            return w.copy()
 
         def objective(z):
-            w = softmin(-z)
-            return self.loss(w) + penalty * float(-(w * np.log(w + 1e-12)).sum())
+            x = weights(z)
+            return self.loss(x) + penalty * float(-(x[active] * np.log(x[active] + 1e-12)).sum())
 
         rng = np.random.default_rng(seed)
         simplex = np.vstack([z0, z0 + np.eye(len(z0)) * 1.0 + rng.normal(0, 1e-3, (len(z0), len(z0)))])
         res = minimize(objective, z0, method="Nelder-Mead",
                        options={"maxfev": budget, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4})
-        return softmin(-res.x)  # Nelder–Mead returns the best point it evaluated, z0 included
+        return weights(res.x)  # Nelder–Mead returns the best point it evaluated, z0 included
 
 
 def _prompt_len(labels: list[int]) -> int:

@@ -392,12 +392,21 @@ def generate_cmd(
     bank: str = typer.Option(..., help="Bank directory, or 'default'."),
     dataset: Path = typer.Option(..., help="Your labelled examples (.jsonl/.json/.csv/.parquet/task.json)."),
     out_dir: Path = typer.Option(..., "--out", help="Adapter directory to write (PEFT format)."),
-    sketch: str = typer.Option("tokens", help="Dataset representation: tokens | embeddings | target-tokens | target-embeddings."),
-    metric: str = typer.Option("js", help="Distance: wd | kl | js | mmd, or ce (the model's loss with each adapter)."),
-    operator: str = typer.Option("normalized", help="Meta-operator: attentional | normalized | neural | fit."),
-    combine: str = typer.Option("svd", help="Combination: svd (exact, truncated) | cat (exact) | paper (inexact)."),
-    temperature: float = typer.Option(1.0, help="Softmin temperature (> 0); lower is sharper."),
+    setting_text: Optional[str] = typer.Option(None, "--setting", help="A whole setting as the bench writes it, e.g. "
+                                               "target-tokens/js/normalized/svd/T1/top1/rerank16 or "
+                                               "embeddings/js/normalized/svd/auto (instead of the options below)."),
+    sketch: Optional[str] = typer.Option(None, help="Dataset representation: tokens | embeddings | target-tokens | "
+                                         "target-embeddings. [default: tokens]"),
+    metric: Optional[str] = typer.Option(None, help="Distance: wd | kl | js | mmd, or ce (the model's loss with each "
+                                         "adapter). [default: js]"),
+    operator: Optional[str] = typer.Option(None, help="Meta-operator: attentional | normalized | neural | fit. "
+                                           "[default: normalized]"),
+    combine: Optional[str] = typer.Option(None, help="Combination: svd (exact, truncated) | cat (exact) | paper "
+                                          "(inexact). [default: svd]"),
+    temperature: Optional[float] = typer.Option(None, help="Softmin temperature (> 0); lower is sharper. [default: 1.0]"),
     top_k: Optional[int] = typer.Option(None, help="Combine only the k nearest entries."),
+    auto: bool = typer.Option(False, "--auto", help="Choose --temperature and --top-k on the bank: those that best "
+                              "rebuild each bank adapter from the others (cached per bank; attentional/normalized)."),
     rank: Optional[int] = typer.Option(None, help="Rank of the svd output (default: the bank's rank)."),
     rerank: Optional[int] = typer.Option(None, help="Keep M entries by --metric, then rank them by ce on labelled examples."),
     ce_examples: int = typer.Option(16, help="Labelled train examples scored by ce / rerank / fit."),
@@ -411,22 +420,44 @@ def generate_cmd(
     gguf: bool = typer.Option(False, "--gguf", help="Also write adapter.gguf (llama.cpp / Ollama LoRA) beside the PEFT files."),
 ):
     """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step)."""
+    from dataclasses import replace
+
     from .bank import Bank
     from .dataset import load_dataset
     from .generate import Setting, generate
 
-    setting = Setting(sketch, metric, operator, combine, temperature, top_k, rank, rerank, ce_examples, fit_budget)
+    if auto and (temperature is not None or top_k is not None):
+        raise InputError("--auto chooses --temperature and --top-k on the bank; drop them or drop --auto")
+    given = {"sketch": sketch, "metric": metric, "operator": operator, "combine": combine, "temperature": temperature,
+             "top_k": top_k, "rank": rank, "rerank": rerank}
+    if setting_text is not None:
+        from .bench import parse_setting
+
+        clash = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None] + (["--auto"] if auto else [])
+        if clash:
+            raise InputError(f"--setting already gives the sketch, metric, operator, combine, T, top-k, rerank and rank; "
+                             f"drop {clash[0]} or drop --setting")
+        spec = parse_setting(setting_text)
+        setting, auto = replace(spec.setting, ce_examples=ce_examples, fit_budget=fit_budget), spec.auto
+    else:
+        setting = Setting(**{k: v for k, v in given.items() if v is not None}, ce_examples=ce_examples,
+                          fit_budget=fit_budget)
     setting.check()
     b = Bank.open(bank)
     ds = load_dataset(dataset, seed=seed)
     with console.status(f"generating an adapter from {len(b.entries)} bank entries"):
         result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,
-                          verify=verify)
-    out.print(_top_table(result.provenance.coefficients, show, f"strongest coefficients ({setting.label})"))
-    if result.provenance.excluded:
-        out.print(f"excluded: {', '.join(result.provenance.excluded)}")
-    steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.provenance.timings.items())
-    out.print(f"adapter written to {result.out} (rank {result.provenance.rank}) in {result.seconds:.1f}s ({steps})")
+                          verify=verify, auto=auto)
+    prov = result.provenance
+    if prov.calibration:
+        out.print(f"calibrated on the bank: temperature {prov.temperature:g}, top-k {prov.top_k or 'all'} "
+                  f"(mean relative reconstruction error {prov.calibration['loss']:.3f})")
+        setting = replace(setting, temperature=prov.temperature, top_k=prov.top_k)
+    out.print(_top_table(prov.coefficients, show, f"strongest coefficients ({setting.label})"))
+    if prov.excluded:
+        out.print(f"excluded: {', '.join(prov.excluded)}")
+    steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in prov.timings.items())
+    out.print(f"adapter written to {result.out} (rank {prov.rank}) in {result.seconds:.1f}s ({steps})")
     if gguf:
         from .gguf_export import GGUF_NAME, export_gguf
 

@@ -102,6 +102,7 @@ class Provenance:
     ce_examples: int | None = None  # labelled train examples scored (ce, rerank, fit)
     fit_budget: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None  # --auto: the (T, top-k) chosen on the bank and their reconstruction loss
 
 
 # --------------------------------------------------------------------------- #
@@ -185,6 +186,30 @@ def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[
         return c
     finally:
         scorer.close()
+
+
+def check_auto(setting: Setting) -> None:
+    """`--auto` picks T and top-k for a softmin over the bank's own distances: other operators and ce have none."""
+    if setting.operator not in ("attentional", "normalized"):
+        raise InputError(f"--auto calibrates temperature and top-k for the attentional or normalized operator, not "
+                         f"'{setting.operator}'; drop --auto or choose one of those")
+    if setting.metric == "ce":
+        raise InputError("--auto calibrates on the distances between the bank's datasets, which metric ce does not "
+                         "have; give --temperature and --top-k instead, or use --rerank with a distributional metric")
+
+
+def calibrated(bank: Bank, setting: Setting, excluded: list[str], exclude_family: bool = False, status=None):
+    """The setting with the (T, top-k) that best rebuild each bank adapter from the others (`calibrate`), the
+    excluded entries (and with `exclude_family` each entry's family) left out as the bench leaves them out."""
+    from .calibrate import calibrate
+    from .metafit import bank_matrices, space_for
+
+    check_auto(setting)
+    D, G = bank_matrices(bank, setting.sketch, setting.metric, space_for(setting.combine), status)
+    usable = [i for i, n in enumerate(bank.names) if n not in set(excluded)]
+    families = [e.family for e in bank.entries] if exclude_family else None
+    cal = calibrate(D, G, usable, setting.operator, families)
+    return replace(setting, temperature=cal.temperature, top_k=cal.top_k), cal
 
 
 def mixture_scorer(bank: Bank, names: list[str], dataset: Dataset, k: int, *, model=None,
@@ -325,13 +350,17 @@ def generate(
     seed: int = 0,
     dtype: str = "float32",
     verify: bool = False,
+    auto: bool = False,
 ) -> Result:
     """Build an adapter for `dataset` from `bank` and write it to `out` (atomically).
 
     `verify`: check the full sha256 (and tensors) of every bank entry read against the manifest first.
+    `auto`: replace the setting's temperature and top-k by those calibrated on the bank (`calibrated`).
     """
     t0 = time.perf_counter()
     setting.check()
+    if auto:
+        check_auto(setting)
     out = Path(out)
     check_out(out, force, [bank.root] + ([Path(dataset.source)] if dataset.source else []))
     excluded = exclusions(bank, dataset, list(exclude), exclude_family)
@@ -342,7 +371,11 @@ def generate(
             "the entry trained on this very dataset, --exclude and --exclude-family leave entries out); "
             "use a bank with more entries"
         )
-    timings = {}
+    timings, calibration = {}, None
+    if auto:
+        setting, cal = calibrated(bank, setting, excluded, exclude_family)
+        calibration = asdict(cal)
+        timings["calibrate_s"] = time.perf_counter() - t0
     if setting.metric == "ce":
         d = np.zeros(len(bank.names))  # every candidate is scored by the model
     else:
@@ -350,11 +383,11 @@ def generate(
         query = query_sketch(bank, setting.sketch, dataset)
         check_vocab(bank, setting.sketch, sk, query)
         d = distances_to_bank(sk, setting.metric, query, seed)
-    timings["distances_s"] = time.perf_counter() - t0
+    timings["distances_s"] = time.perf_counter() - t0 - sum(timings.values())
     if verify and setting.uses_model:  # the model-based steps read every candidate adapter
         verify_entries(bank, [n for n in bank.names if n not in excluded])
     c = coefficient_row(bank, setting, d, excluded, dataset)
-    timings["coefficients_s"] = time.perf_counter() - t0 - timings["distances_s"]
+    timings["coefficients_s"] = time.perf_counter() - t0 - sum(timings.values())
     coefs = {n: float(w) for n, w in zip(bank.names, c)}
     if verify and not setting.uses_model:
         verify_entries(bank, [n for n, w in coefs.items() if w > 0])
@@ -378,6 +411,7 @@ def generate(
         ce_examples=setting.ce_examples if setting.uses_model else None,
         fit_budget=setting.fit_budget if setting.operator == "fit" else None,
         timings=timings,
+        calibration=calibration,
     )
     t1 = time.perf_counter()
     write_combination(bank, coefs, out, setting.combine, setting.rank, provenance=prov, force=force, dtype=dtype)

@@ -1,21 +1,31 @@
-"""Fitting the neural meta-operator on the bank itself (`lorablend bank fit-meta`).
+"""Learning from the bank itself: the neural meta-operator (`lorablend bank fit-meta`) and the
+matrices `calibrate` chooses (T, top-k) on (`generate --auto`, the bench's `auto` settings).
 
-Needs two N x N matrices: the distances between every pair of bank datasets, and
+Both need two N x N matrices: the distances between every pair of bank datasets, and
 the Gram matrix of the adapters. Both are accumulated without stacking the bank.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import random
+from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_file
 from .bank import Bank
 from .coefficients import NeuralConfig, NeuralOperator
 from .generate import distances_to_bank, meta_path, open_readers
-from .sketch import load_sketches
+from .sketch import index_dir, load_sketches
 
 SPACES = ("params", "update")
+
+
+def space_for(combine: str) -> str:
+    """The Gram space matching a combination: the paper averages parameters, svd/cat the updates."""
+    return "params" if combine == "paper" else "update"
 
 
 def distance_matrix(bank: Bank, sketch: str, metric: str, seed: int = 0) -> np.ndarray:
@@ -63,3 +73,31 @@ def fit_meta(bank: Bank, config: NeuralConfig, *, holdout: float = 0.2, exclude:
     if save:
         op.save(meta_path(bank, config.sketch, config.metric))
     return op, train, val
+
+
+def cached_array(path: Path, make, status=None) -> np.ndarray:
+    """`make()` saved once at `path`; where nothing can be written there, computed each time instead."""
+    if path.exists():
+        return np.load(path)
+    if status:
+        status(f"computing {path.stem}")
+    value = make()
+    try:
+        with atomic_file(path) as fh:
+            np.save(fh, value)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    return value
+
+
+def bank_matrices(bank: Bank, sketch: str, metric: str, space: str, status=None) -> tuple[np.ndarray, np.ndarray]:
+    """D (seed 0) and G of this bank, kept in lorablend's cache (never in the bank, which may be shared or
+    read-only) under the hashes of the bank manifest and of its index, so a rebuilt bank or index is recomputed."""
+    from .models import lorablend_home
+
+    key = hashlib.sha256(bank.sha256.encode() + (index_dir(bank) / "index.json").read_bytes()).hexdigest()[:16]
+    cache = lorablend_home() / "bank-matrices" / key
+    D = cached_array(cache / f"D-{sketch}-{metric}.npy", lambda: distance_matrix(bank, sketch, metric), status)
+    G = cached_array(cache / f"G-{space}.npy", lambda: gram(bank, space), status)
+    return D, G

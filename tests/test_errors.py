@@ -571,6 +571,31 @@ def _(c):
     return c.gen("--rank", "0")
 
 
+@case("auto-with-temperature", 2, r"--auto chooses --temperature and --top-k on the bank; drop them or drop --auto")
+def _(c):
+    return c.gen("--auto", "--temperature", "0.5")
+
+
+@case("auto-with-neural-operator", 2, r"--auto calibrates temperature and top-k for the attentional or normalized operator, not 'neural'")
+def _(c):
+    return c.gen("--auto", "--operator", "neural")
+
+
+@case("auto-with-ce", 2, r"--auto calibrates on the distances between the bank's datasets, which metric ce does not have")
+def _(c):
+    return c.gen("--auto", "--metric", "ce")
+
+
+@case("setting-with-an-option-it-gives", 2, r"--setting already gives the sketch, .*; drop --top-k or drop --setting")
+def _(c):
+    return c.gen("--setting", "tokens/js/normalized/svd/T1", "--top-k", "2")
+
+
+@case("setting-unreadable", 2, r"setting 'tokens/js/normalized/svd/X2': cannot read 'X2' \(use T<temperature>, top<k>")
+def _(c):
+    return c.gen("--setting", "tokens/js/normalized/svd/X2")
+
+
 @case("exclude-unknown-entry", 2, r"--exclude names no bank entry: cooking")
 def _(c):
     return c.gen("--exclude", "cooking")

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -84,6 +85,61 @@ def test_leave_one_out_and_family_exclusion(tiny_bank, tmp_path):
     same_family = {e.name for e in bank.entries if e.family == bank.entry("math").family}
     assert set(fam.provenance.excluded) == same_family and len(same_family) == 2
     assert all(fam.provenance.coefficients[n] == 0 for n in same_family)
+
+
+@pytest.mark.parametrize("family", [False, True])
+def test_auto_uses_the_benchs_calibration_and_caches_the_matrices(tiny_bank, tmp_path, monkeypatch, family):
+    from lorablend import bench
+    from lorablend.models import lorablend_home
+
+    monkeypatch.setenv("LORABLEND_HOME", str(tmp_path / "home"))
+    bank = Bank.open(tiny_bank)
+    own = load_dataset(bank.dataset_path(bank.entry("math")))
+    setting = Setting("embeddings", "wd", "normalized", "svd")
+    res = generate(bank, own, tmp_path / "a", setting, exclude_family=family, auto=True)
+    spec = bench.parse_setting("embeddings/wd/normalized/svd/auto")
+    matrices = bench.compute_matrices(bank, [spec], tmp_path / "m", seed=0)
+    cal = bench.EntryPlan(bank, "math", own, matrices, tmp_path / "ce").calibration("family" if family else "entry", spec)
+    prov = res.provenance
+    assert (prov.temperature, prov.top_k, prov.calibration["loss"]) == (cal.temperature, cal.top_k, cal.loss)
+    assert prov.calibration == {"temperature": cal.temperature, "top_k": cal.top_k, "loss": cal.loss}
+    want = generate(bank, own, tmp_path / "b", replace(setting, temperature=cal.temperature, top_k=cal.top_k),
+                    exclude_family=family)
+    assert prov.coefficients == want.provenance.coefficients
+    cached = sorted(p.name for p in (lorablend_home() / "bank-matrices").rglob("*.npy"))
+    assert cached == ["D-embeddings-wd.npy", "G-update.npy"]
+    again = generate(bank, own, tmp_path / "c", setting, exclude_family=family, auto=True)  # from the cache
+    assert again.provenance.coefficients == prov.coefficients
+
+
+def test_auto_where_the_cache_cannot_be_written_computes_each_time(tiny_bank, user_dataset, tmp_path, monkeypatch):
+    import errno
+
+    import lorablend.metafit
+
+    def read_only(path, mode="wb"):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setenv("LORABLEND_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(lorablend.metafit, "atomic_file", read_only)
+    res = generate(Bank.open(tiny_bank), load_dataset(user_dataset), tmp_path / "o", Setting(), auto=True)
+    assert res.provenance.calibration and not (tmp_path / "home").exists()
+
+
+def test_generate_setting_option_equals_the_separate_options(tiny_bank, user_dataset, tmp_path, capfd):
+    """`--setting` takes any setting the bench reports, `auto` included, and writes the same adapter as the options."""
+    from test_errors import run_cli
+
+    common = ["generate", "--bank", str(tiny_bank), "--dataset", str(user_dataset)]
+    for text, options in (("embeddings/wd/attentional/cat/T0.5/top2", ["--sketch", "embeddings", "--metric", "wd",
+                                                                       "--operator", "attentional", "--combine", "cat",
+                                                                       "--temperature", "0.5", "--top-k", "2"]),
+                          ("target-tokens/js/normalized/svd/auto", ["--sketch", "target-tokens", "--auto"])):
+        a, b = tmp_path / f"a{len(options)}", tmp_path / f"b{len(options)}"
+        assert run_cli(common + ["--out", str(a), "--setting", text], capfd)[0] == 0
+        assert run_cli(common + ["--out", str(b)] + options, capfd)[0] == 0
+        for name in ("adapter_model.safetensors", "lorablend.json"):
+            assert (a / name).read_bytes() == (b / name).read_bytes()
 
 
 def test_top_k_keeps_k_entries(tiny_bank, user_dataset, tmp_path):
@@ -197,6 +253,24 @@ def test_mixture_scorer_hooks_equal_the_cat_adapter(tiny_bank, tiny_model_dir, u
                         ds.split("train")[:4], bf16=False).loss(np.zeros(1))
     assert abs(hooked - ref) < 1e-5
     assert abs(scorer.loss(np.zeros(len(w))) - hooked) > 1e-6  # the adapters do change the loss
+
+
+def test_fit_searches_only_the_weighed_candidates_within_its_budget(tiny_bank, tiny_model_dir, user_dataset):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorablend.ce import MixtureScorer
+    from lorablend.generate import open_readers
+
+    bank = Bank.open(tiny_bank)
+    scorer = MixtureScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),
+                           list(open_readers(bank, bank.names).values()), load_dataset(user_dataset).split("train")[:4])
+    init = np.array([0.5, 0.0, 0.3, 0.0, 0.2])
+    w = scorer.fit(init, budget=10, penalty=0.0)
+    assert scorer.evaluations <= 10 and w[[1, 3]].tolist() == [0.0, 0.0] and abs(w.sum() - 1) < 1e-9
+    assert scorer.loss(w) <= scorer.loss(init)  # Nelder–Mead keeps the best point, the start included
+    before = scorer.evaluations
+    assert scorer.fit(np.array([0.0, 0.0, 1.0, 0.0, 0.0])).tolist() == [0, 0, 1, 0, 0]  # one candidate: nothing to search
+    assert scorer.evaluations == before
 
 
 def test_mixture_scorer_runs_the_shared_prompt_prefix_once_and_exactly(tiny_bank, tiny_model_dir, user_dataset):
