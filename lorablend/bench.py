@@ -28,11 +28,11 @@ passes of its own (one fit per entry and holdout). Every record carries `cost_s`
 `generate` would spend on that adapter after loading the model and sketching the query:
 candidates × the entry's measured seconds per ce pass, plus the fit's time, plus the
 combination. On SmolLM2 a ce candidate costs one bf16 pass over the k examples, their
-shared prompt prefix run once: 1.9–5.7 CPU-s on five default-bank tasks, 3.5 on average
-(`python -m lorablend.benchmarks.ce_cost`). Per entry of the 61-entry bank the ce row (61
-passes) is ~4 CPU-min and the fit setting (2 holdouts × 40 passes) ~5 CPU-min, so the
-model-based settings add ~9 CPU-hours (~5 h on 2 cores with --jobs 2, estimated) to the ≤ 2 h of the
-others: they form their own preset, `labelled`, outside the default run.
+shared prompt prefix run once: 1.5–8.8 CPU-s on the ten tasks of the labelled run in
+docs/RESULTS-labelled.md, 5.1 on average (two jobs on two cores). Per entry of the 61-entry
+bank the ce row (60 passes) took ~5 CPU-min and the 4-weight fit (2 holdouts × 40 passes)
+~6 CPU-min there, so the labelled preset costs ~11 CPU-hours for 61 entries (~6 h on 2 cores
+with --jobs 2): it is its own preset, outside the ≤ 2 h default run; `--entries` runs a subset.
 
 What keeps ~4000 distributional records within two hours on two cores:
 - Distance rows and Gram matrices are computed once per (sketch, metric) and per
@@ -84,13 +84,16 @@ PRESETS = {
         "target-tokens/js/normalized/svd/auto",
         "target-tokens/js/normalized/svd/T1/top1",
     ),
-    # the model-based steps on 16 labelled train examples (T1/top8 for ce chosen a priori, not on results).
-    # Not a default preset: on SmolLM2 they cost ~9 CPU-hours over 61 entries x 2 holdouts, beyond the
-    # 2-hour budget of the default run; run them with `--preset labelled` (resumable, `--jobs`, Ray).
+    # the model-based steps on 16 labelled train examples. ce/T1/top8 and the embeddings rerank were fixed before
+    # any result; retrieval by output-side JS, top-1 after the rerank and the 4-weight fit were added after the
+    # default run found the nearest adapter by output-side JS ahead of every mixture (docs/RESULTS.md).
+    # Not a default preset: on SmolLM2 the ce row and the two fits cost ~11 CPU-min per entry (docs/RESULTS-labelled.md),
+    # ~11 CPU-hours for 61 entries; run them with `--preset labelled` (resumable, `--jobs`, Ray, `--entries`).
     "labelled": (
         "embeddings/js/normalized/svd/auto/rerank16",
         "target-tokens/js/normalized/svd/auto/rerank16",
         "target-tokens/js/normalized/svd/T1/top1/rerank16",
+        "target-tokens/js/normalized/svd/T1/top1/rerank8",
         "tokens/ce/normalized/svd/T1/top8",
         "target-tokens/js/fit/svd/T1/top4/rerank16",
     ),

@@ -148,7 +148,7 @@ def demo_cmd(
     from rich.table import Table
 
     from .bank import Bank
-    from .demo import DEFAULT_TASK, run_demo
+    from .demo import DEFAULT_SETTING, DEFAULT_TASK, run_demo
     from .models import ALIASES, SMOLLM2_ID, fetch_smollm2
 
     t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def demo_cmd(
     with console.status("starting") as status:
         rows, adapter, coefs = run_demo(task or DEFAULT_TASK, bank, out_dir, n, backend=backend,
                                         status=lambda m: status.update(m))
-    out.print(_top_table(coefs, 5, "strongest bank coefficients"))
+    out.print(_top_table(coefs, 5, f"strongest bank coefficients ({DEFAULT_SETTING.label})"))
     table = Table(title=f"{task or DEFAULT_TASK}: {rows[0].scores.n} test examples, greedy ({rows[0].backend})")
     for col in ("model", "Rouge-L", "exact match", "seconds"):
         table.add_column(col, justify="left" if col == "model" else "right")

@@ -214,6 +214,8 @@ def test_report_statistics():
     from lorablend.report import gap_recovered, paired_bootstrap, wins_ties_losses
 
     assert gap_recovered(0.5, 0.2, 0.8) == pytest.approx(0.5) and gap_recovered(0.5, 0.3, 0.3) is None
+    assert gap_recovered(0.29, 0.3, 0.301) is None  # a gap within the noise would make this −10
+    assert gap_recovered(0.45, 0.2, 0.45) == pytest.approx(1.0)
     assert wins_ties_losses([0.5, 0.5, 0.5], [0.2, 0.495, 0.9]) == (1, 1, 1)
     mean, lo, hi = paired_bootstrap([0.3, 0.5, 0.4, 0.9], [0.1, 0.2, 0.4, 0.3])
     assert lo <= mean <= hi and mean == pytest.approx(0.275)
