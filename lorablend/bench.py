@@ -79,7 +79,7 @@ PRESETS = {
     # the paper's 12: its sketch, metrics, operators and inexact combination, no temperature
     "paper": tuple(f"tokens/{m}/{op}/paper/T1" for m in _PAPER_METRICS for op in ("attentional", "normalized", "neural")),
     # lorablend's candidates: embedding clouds, exact truncated combination, (T, k) calibrated on the bank;
-    # an output-side sketch; the single bank adapter nearest by it (the demo's setting)
+    # an output-side sketch; the single bank adapter nearest by it (no forward pass)
     "best": tuple(f"embeddings/{m}/normalized/svd/auto" for m in _PAPER_METRICS) + (
         "target-tokens/js/normalized/svd/auto",
         "target-tokens/js/normalized/svd/T1/top1",
@@ -87,7 +87,7 @@ PRESETS = {
     # the model-based steps on 16 labelled train examples. ce/T1/top8 and the embeddings rerank were fixed before
     # any result; retrieval by output-side JS, top-1 after the rerank and the 4-weight fit were added after the
     # default run found the nearest adapter by output-side JS ahead of every mixture (docs/RESULTS.md).
-    # Not a default preset: on SmolLM2 the ce row and the two fits cost ~11 CPU-min per entry (docs/RESULTS-labelled.md),
+    # Not a default preset: on SmolLM2 the ce row and the fit (both holdouts) cost ~11 CPU-min per entry (docs/RESULTS-labelled.md),
     # ~11 CPU-hours for 61 entries; run them with `--preset labelled` (resumable, `--jobs`, Ray, `--entries`).
     "labelled": (
         "embeddings/js/normalized/svd/auto/rerank16",
