@@ -67,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metafit
 from .atomic import write_json
 from .bank import Bank
 from .errors import InputError
@@ -128,9 +129,7 @@ class Spec:
 
     @property
     def space(self) -> str:
-        from .metafit import space_for
-
-        return space_for(self.setting.combine)
+        return metafit.space_for(self.setting.combine)
 
     @property
     def has_top_k(self) -> bool:
@@ -259,8 +258,6 @@ def needed(specs: list[Spec]) -> tuple[list[tuple[str, str]], list[str]]:
 
 def compute_matrices(bank: Bank, specs: list[Spec], cache: Path, seed: int, status=None) -> Matrices:
     """D and G for the settings, cached in RESULTS/matrices/ (config.json pins the bank they belong to)."""
-    from . import metafit
-
     dists, spaces = needed(specs)
     out = Matrices()
     for sk, m in dists:
@@ -321,7 +318,6 @@ class EntryPlan:
 
     def neural(self, holdout: str, spec: Spec):
         """The paper's MLP fitted on the bank without this entry (and its family): (operator, names trained on)."""
-        from . import metafit
         from .coefficients import NeuralConfig
 
         s = spec.setting

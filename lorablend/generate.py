@@ -198,15 +198,15 @@ def check_auto(setting: Setting) -> None:
                          "have; give --temperature and --top-k instead, or use --rerank with a distributional metric")
 
 
-def calibrated(bank: Bank, setting: Setting, excluded: list[str], exclude_family: bool = False, status=None):
-    """The setting with the (T, top-k) that best rebuild each bank adapter from the others (`calibrate`), the
-    excluded entries (and with `exclude_family` each entry's family) left out as the bench leaves them out."""
+def calibrated(bank: Bank, setting: Setting, excluded: list[str], exclude_family: bool = False):
+    """The setting (passed by `check_auto`) with the (T, top-k) that best rebuild each bank adapter from the others
+    (`calibrate`), the excluded entries (and with `exclude_family` each entry's family) left out as the bench does."""
     from .calibrate import calibrate
     from .metafit import bank_matrices, space_for
 
-    check_auto(setting)
-    D, G = bank_matrices(bank, setting.sketch, setting.metric, space_for(setting.combine), status)
-    usable = [i for i, n in enumerate(bank.names) if n not in set(excluded)]
+    D, G = bank_matrices(bank, setting.sketch, setting.metric, space_for(setting.combine))
+    out = set(excluded)
+    usable = [i for i, n in enumerate(bank.names) if n not in out]
     families = [e.family for e in bank.entries] if exclude_family else None
     cal = calibrate(D, G, usable, setting.operator, families)
     return replace(setting, temperature=cal.temperature, top_k=cal.top_k), cal
@@ -372,18 +372,18 @@ def generate(
             "use a bank with more entries"
         )
     timings, calibration = {}, None
-    if auto:
-        setting, cal = calibrated(bank, setting, excluded, exclude_family)
-        calibration = asdict(cal)
-        timings["calibrate_s"] = time.perf_counter() - t0
     if setting.metric == "ce":
         d = np.zeros(len(bank.names))  # every candidate is scored by the model
     else:
-        _, sk = load_sketches(bank, setting.sketch)
+        _, sk = load_sketches(bank, setting.sketch)  # first: a missing or stale index is reported here
         query = query_sketch(bank, setting.sketch, dataset)
         check_vocab(bank, setting.sketch, sk, query)
         d = distances_to_bank(sk, setting.metric, query, seed)
-    timings["distances_s"] = time.perf_counter() - t0 - sum(timings.values())
+    timings["distances_s"] = time.perf_counter() - t0
+    if auto:
+        setting, cal = calibrated(bank, setting, excluded, exclude_family)
+        calibration = asdict(cal)
+        timings["calibrate_s"] = time.perf_counter() - t0 - sum(timings.values())
     if verify and setting.uses_model:  # the model-based steps read every candidate adapter
         verify_entries(bank, [n for n in bank.names if n not in excluded])
     c = coefficient_row(bank, setting, d, excluded, dataset)

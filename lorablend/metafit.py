@@ -91,13 +91,13 @@ def cached_array(path: Path, make, status=None) -> np.ndarray:
     return value
 
 
-def bank_matrices(bank: Bank, sketch: str, metric: str, space: str, status=None) -> tuple[np.ndarray, np.ndarray]:
+def bank_matrices(bank: Bank, sketch: str, metric: str, space: str) -> tuple[np.ndarray, np.ndarray]:
     """D (seed 0) and G of this bank, kept in lorablend's cache (never in the bank, which may be shared or
     read-only) under the hashes of the bank manifest and of its index, so a rebuilt bank or index is recomputed."""
     from .models import lorablend_home
 
     key = hashlib.sha256(bank.sha256.encode() + (index_dir(bank) / "index.json").read_bytes()).hexdigest()[:16]
     cache = lorablend_home() / "bank-matrices" / key
-    D = cached_array(cache / f"D-{sketch}-{metric}.npy", lambda: distance_matrix(bank, sketch, metric), status)
-    G = cached_array(cache / f"G-{space}.npy", lambda: gram(bank, space), status)
+    D = cached_array(cache / f"D-{sketch}-{metric}.npy", lambda: distance_matrix(bank, sketch, metric))
+    G = cached_array(cache / f"G-{space}.npy", lambda: gram(bank, space))
     return D, G

@@ -389,6 +389,12 @@ def _(c):
     return c.gen()
 
 
+@case("auto-bank-index-missing", 2, r"bank: no 'tokens' sketches in the index; run `lorablend bank index .*--sketch tokens`")
+def _(c):
+    shutil.rmtree(c.bank / "index")
+    return c.gen("--auto")
+
+
 @case("bank-index-stale", 2, r"bank: index is stale for code; run `lorablend bank index")
 def _(c):
     c.manifest(lambda m: [e["files"].update({e["dataset"]: "0" * 64}) for e in m["entries"] if e["name"] == ENTRY])
