@@ -9,7 +9,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  # A fresh .venv takes ~2.2 GB (PyTorch CPU, llama.cpp); pip's own out-of-space error comes late and unclear.
+  free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+  if [ "$free_mb" -lt 3000 ]; then
+    echo "setup: .venv needs about 3 GB of free disk in $PWD but only ${free_mb} MB is free; free some space and rerun" >&2
+    exit 1
+  fi
+  "$PY" -m venv .venv
+fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 if [ "${LLAMACPP:-1}" = 1 ]; then

@@ -30,6 +30,7 @@ def test_tiny_benchmark_runs_end_to_end_and_every_method_agrees(tmp_path):
         assert re.fullmatch(r"[0-9.e+-]+", fields[key]), (key, fields[key])
     assert float(fields["max_rel_err"]) < 1e-4
     assert "FAILED" not in run.stderr and "failed" not in run.stdout
+    assert f"remove it with: rm -rf {cache}" in run.stderr  # the user learns where the disk went
     # a proper lorablend bank, found complete (reused) next time; the methods' outputs are cleaned up
     assert (cache / "bank.json").exists() and (cache / "index" / "tokens.npz").exists()
     assert not any((cache / "run").glob("lb-*/"))

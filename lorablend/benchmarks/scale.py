@@ -1053,6 +1053,8 @@ def run(args, log) -> tuple[dict, str]:
         for other, e in res.get("vs", {}).items():
             lines.append(f"agreement {method} vs {other}: {e:.1e} relative")
     lines.append(result_line(args.n, results))
+    log(f"the synthetic bank stays in {cache} ({info['bank_gb']} GB) so that reruns skip building it; "
+        f"remove it with: rm -rf {cache}")
     if not args.keep:
         for method in results:
             shutil.rmtree(work / method, ignore_errors=True)
