@@ -288,8 +288,14 @@ def _run_facts(run_path: Path) -> list[str]:
     runs = json.loads(run_path.read_text(encoding="utf-8"))["runs"]
     last, wall = runs[-1], sum(r["wall_seconds"] for r in runs)
     m = last["machine"]
-    return [
-        f"- Command: `{last['command']}`" + (f" ({len(runs)} invocations; resumed runs skip finished records)" if len(runs) > 1 else ""),
+    commands = list(dict.fromkeys(r["command"] for r in runs))  # a study grown by several commands lists each
+    if len(commands) == 1:
+        said = [f"- Command: `{commands[0]}`" + (f" ({len(runs)} invocations; resumed runs skip finished records)"
+                                                if len(runs) > 1 else "")]
+    else:
+        said = [f"- Commands, in order ({len(runs)} invocations into the same results; each skips the records an "
+                "earlier one wrote):"] + [f"  - `{c}`" for c in commands]
+    return said + [
         f"- Test examples per entry: N = {last['n']} (a fixed, seeded sample of the test split); greedy decoding; "
         f"max new tokens: the task's budget (95th percentile of train reference lengths × 1.25 + 2) capped at "
         f"{last['max_new_tokens']}; batch size {last['batch_size']}",

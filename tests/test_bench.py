@@ -223,6 +223,20 @@ def test_report_statistics():
     assert paired_bootstrap([1, 2, 3], [0, 0, 0]) == paired_bootstrap([1, 2, 3], [0, 0, 0])  # seeded
 
 
+def test_report_lists_every_command_of_a_grown_study(tmp_path):
+    from lorablend.report import _run_facts
+
+    base = {"wall_seconds": 60.0, "n": 8, "max_new_tokens": 32, "batch_size": 16, "threads": 1, "jobs": 2,
+            "executor": "local", "machine": {"nproc": 2, "cpu": "x", "ram_gib": 1.0, "torch": "t"}}
+    runs = [{**base, "command": c} for c in ("bench --settings a", "bench --settings a", "bench --settings b")]
+    (tmp_path / "run.json").write_text(json.dumps({"runs": runs}))
+    facts = "\n".join(_run_facts(tmp_path / "run.json"))
+    assert "3 invocations" in facts and facts.count("`bench --settings a`") == 1 and "`bench --settings b`" in facts
+    assert "3.0 min in total" in facts
+    (tmp_path / "run.json").write_text(json.dumps({"runs": runs[:2]}))
+    assert "- Command: `bench --settings a` (2 invocations" in _run_facts(tmp_path / "run.json")[0]
+
+
 def test_report_has_tables_intervals_and_plots(study, tmp_path):
     from typer.testing import CliRunner
 
