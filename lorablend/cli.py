@@ -419,7 +419,10 @@ def generate_cmd(
     show: int = typer.Option(10, help="Rows of the coefficient table."),
     gguf: bool = typer.Option(False, "--gguf", help="Also write adapter.gguf (llama.cpp / Ollama LoRA) beside the PEFT files."),
 ):
-    """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step)."""
+    """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step).
+
+    The options default to the paper's setting (tokens/js/normalized/svd/T1). The bench's best at its cost is
+    --setting target-tokens/js/normalized/svd/T1/top1/rerank16 (README, "Which setting")."""
     from dataclasses import replace
 
     from .bank import Bank
