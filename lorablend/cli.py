@@ -310,8 +310,10 @@ def bench_cmd(
     backend: str = typer.Option("auto", help="torch | llamacpp | auto (llamacpp when installed and the model has a GGUF)."),
     report_only: bool = typer.Option(False, "--report-only", help="Only rebuild scores.csv and the report from --results."),
 ):
-    """The leave-one-out study: adapters for every bank entry from the others, scored next to controls (base model,
-    own adapter, uniform average, random-k, nearest); resumable; writes a CSV and a report with plots."""
+    """The leave-one-out study: adapters for bank entries from the others, scored next to controls.
+
+    Controls: base model, own adapter, uniform average, random-k, nearest, best-ce. Resumable; writes a CSV and a
+    report with plots."""
     import shlex
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
