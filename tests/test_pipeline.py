@@ -346,6 +346,21 @@ def test_ce_cost_benchmark_runs(tiny_bank, capsys):
     assert rows[-1]["ratio"] > 0
 
 
+def test_ce_cost_benchmark_times_a_synthetic_model(tiny_bank, capsys):
+    """`--synthetic`: the same examples through a random Mistral-architecture model with q/k/v adapters."""
+    from lorablend.benchmarks.ce_cost import main
+
+    main(["--bank", str(tiny_bank), "--tasks", "1", "--k", "4", "--candidates", "2", "--synthetic", "--layers", "2",
+          "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2"])
+    row, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["task"] == Bank.open(tiny_bank).names[0] and "whole_cpu_s" not in row
+    assert row["synthetic_cpu_s"] >= 0 and np.isfinite(row["synthetic_loss"]) and row["synthetic_loss"] > 0
+    from lorablend.models import load_tokenizer
+
+    vocab = len(load_tokenizer(Bank.open(tiny_bank).manifest.base_model))  # q, o 64x64; k, v 64x32; MLP 3 x 64x128
+    assert summary["synthetic_params"] == 2 * vocab * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+
+
 def test_demo_scores_base_generated_and_own_on_a_bank_task(tiny_bank, tmp_path, capfd):
     """`lorablend demo` end to end (the README's main command), on the tiny bank with PyTorch."""
     from test_errors import run_cli

@@ -1,6 +1,7 @@
 """Cost of the `ce` distance per candidate adapter, with and without the shared prompt prefix.
 
     python -m lorablend.benchmarks.ce_cost --bank default --tasks 5 --threads 1
+    python -m lorablend.benchmarks.ce_cost --bank default --tasks 2 --every 36 --candidates 1 --threads 2 --synthetic
 
 For every `--every`-th bank entry (up to `--tasks`), a MixtureScorer over the first 16 bank
 adapters scores the entry's first k train examples with 4 single candidates, once running
@@ -8,15 +9,78 @@ the examples' common prefix once (the product's path) and once on whole prompts,
 the other on the same loaded model. Prints per task the CPU and wall seconds per candidate
 of both and the largest difference of their losses (bf16 autocast: not bit-identical;
 tests/test_pipeline.py checks the two agree to 1e-5 in float32).
+
+`--synthetic` also times the product's path on a model of Mistral-7B-Instruct-v0.2's shapes
+(bf16, random weights, the bank's tokenizer) with synthetic r=16 q/k/v adapters of the shapes of
+Lots-of-LoRAs' (docs/PERFORMANCE.md), on the same examples, and prints its ratio to the bank's
+model: what a candidate costs on a 7B base, measured rather than scaled from the weights. Its
+weights take ~14.5 GB of RAM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+
+
+def time_candidates(model, tok, readers, examples, share_prefix: bool, candidates: int):
+    """CPU and wall seconds per candidate (after one warm-up pass), and the candidates' losses."""
+    from ..ce import MixtureScorer
+
+    scorer = MixtureScorer(model, tok, readers, examples, share_prefix=share_prefix)
+    n = len(readers)
+    try:
+        scorer.loss(np.zeros(n))
+        cpu, wall = time.process_time(), time.perf_counter()
+        losses = np.array([scorer.loss(np.eye(n)[i]) for i in range(candidates)])
+        return (time.process_time() - cpu) / candidates, (time.perf_counter() - wall) / candidates, losses
+    finally:
+        scorer.close()
+
+
+def synthetic_model(args, vocab: int):
+    """A Mistral-architecture model of the given shapes, random bf16 weights, never a float32 copy."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                        num_key_value_heads=args.kv_heads, sliding_window=None, tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = MistralForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were left empty on meta
+    return model.eval()
+
+
+def synthetic_readers(args, root: Path, n: int):
+    """n adapters of `scale`'s synthetic kind (q/k/v, r=16) for the synthetic model's shapes."""
+    from ..adapter import AdapterReader
+    from .scale import Shape, _adapter_config, adapter_bytes
+
+    shape = Shape(layers=args.layers, hidden=args.hidden, kv=args.hidden // args.heads * args.kv_heads)
+    readers = []
+    for i in range(n):
+        d = root / f"synthetic-{i}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(adapter_bytes(shape, "f32", 0, i))
+        (d / "adapter_config.json").write_bytes(_adapter_config(shape))
+        readers.append(AdapterReader(d))
+    return readers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,12 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=16, help="train examples per pass")
     ap.add_argument("--candidates", type=int, default=4, help="candidates timed per task and mode")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--synthetic", action="store_true", help="also time a random model of the shapes below")
+    for name, value in (("layers", 32), ("hidden", 4096), ("intermediate", 14336), ("heads", 32), ("kv-heads", 8)):
+        ap.add_argument(f"--{name}", type=int, default=value, help=f"synthetic model (default {value}: Mistral-7B)")
     args = ap.parse_args(argv)
 
     import torch
 
     from ..bank import Bank
-    from ..ce import MixtureScorer
     from ..dataset import load_dataset
     from ..generate import open_readers
     from ..models import load_model, load_tokenizer
@@ -41,24 +107,41 @@ def main(argv: list[str] | None = None) -> None:
     bank = Bank.open(args.bank)
     tok, model = load_tokenizer(bank.manifest.base_model), load_model(bank.manifest.base_model).eval()
     readers = list(open_readers(bank, bank.names[:16]).values())
-    n = len(readers)
-    totals = {"shared": [], "whole": []}
-    for task in bank.names[:: args.every][: args.tasks]:
-        examples = load_dataset(bank.dataset_path(bank.entry(task)), name=task).split("train")[: args.k]
+    tasks = bank.names[:: args.every][: args.tasks]
+    examples = {t: load_dataset(bank.dataset_path(bank.entry(t)), name=t).split("train")[: args.k] for t in tasks}
+    modes = ("shared",) if args.synthetic else ("whole", "shared")
+    totals = {"shared": [], "whole": [], "synthetic": []}
+    rows = []
+    for task in tasks:
         row, losses = {"task": task}, {}
-        for mode in ("whole", "shared"):
-            scorer = MixtureScorer(model, tok, readers, examples, share_prefix=mode == "shared")
-            scorer.loss(np.zeros(n))  # warm-up
-            cpu, wall = time.process_time(), time.perf_counter()
-            losses[mode] = np.array([scorer.loss(np.eye(n)[i]) for i in range(args.candidates)])
-            row[f"{mode}_cpu_s"] = round((time.process_time() - cpu) / args.candidates, 4)
-            row[f"{mode}_wall_s"] = round((time.perf_counter() - wall) / args.candidates, 4)
-            totals[mode].append(row[f"{mode}_cpu_s"])
-            scorer.close()
-        row["max_abs_diff"] = round(float(np.abs(losses["whole"] - losses["shared"]).max()), 4)
-        print(json.dumps(row), flush=True)
-    print(json.dumps({"mean_cpu_s_per_candidate": {m: round(float(np.mean(v)), 4) for m, v in totals.items()},
-                      "ratio": round(float(np.mean(totals["whole"]) / max(np.mean(totals["shared"]), 1e-9)), 2)}))
+        for mode in modes:
+            cpu, wall, losses[mode] = time_candidates(model, tok, readers, examples[task], mode == "shared",
+                                                      args.candidates)
+            row[f"{mode}_cpu_s"], row[f"{mode}_wall_s"] = round(cpu, 4), round(wall, 4)
+            totals[mode].append(cpu)
+        if not args.synthetic:
+            row["max_abs_diff"] = round(float(np.abs(losses["whole"] - losses["shared"]).max()), 4)
+            print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.synthetic:
+        del model
+        big = synthetic_model(args, len(tok))
+        with tempfile.TemporaryDirectory() as tmp:
+            fake = synthetic_readers(args, Path(tmp), args.candidates)
+            for row in rows:
+                cpu, wall, losses = time_candidates(big, tok, fake, examples[row["task"]], True, args.candidates)
+                row.update(synthetic_cpu_s=round(cpu, 2), synthetic_wall_s=round(wall, 2),
+                           synthetic_ratio=round(cpu / max(row["shared_cpu_s"], 1e-9), 1),
+                           synthetic_loss=round(float(losses.mean()), 3))
+                totals["synthetic"].append(cpu)
+                print(json.dumps(row), flush=True)
+    summary = {"mean_cpu_s_per_candidate": {m: round(float(np.mean(v)), 4) for m, v in totals.items() if v}}
+    if args.synthetic:
+        summary["synthetic_ratio"] = round(float(np.mean(totals["synthetic"]) / max(np.mean(totals["shared"]), 1e-9)), 1)
+        summary["synthetic_params"] = sum(p.numel() for p in big.parameters())
+    else:
+        summary["ratio"] = round(float(np.mean(totals["whole"]) / max(np.mean(totals["shared"]), 1e-9)), 2)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
