@@ -34,9 +34,14 @@ LEVEL = 0.95
 # --------------------------------------------------------------------------- #
 
 
+def has_gap(base: float, own: float) -> bool:
+    """Whether the own adapter beats the base model by MIN_GAP: only such a gap is clear of the noise."""
+    return own - base >= MIN_GAP
+
+
 def gap_recovered(gen: float, base: float, own: float) -> float | None:
-    """(gen − base) / (own − base); None when own − base < MIN_GAP (no gap clear of the noise to recover)."""
-    return (gen - base) / (own - base) if own - base >= MIN_GAP else None
+    """(gen − base) / (own − base); None without a gap clear of the noise to recover (`has_gap`)."""
+    return (gen - base) / (own - base) if has_gap(base, own) else None
 
 
 def wins_ties_losses(a: Sequence[float], b: Sequence[float], tie: float = TIE) -> tuple[int, int, int]:
@@ -129,8 +134,7 @@ def summarize(rows: list[dict], holdout: str, seed: int = 0) -> list[Row]:
                   len(entries), float(np.mean([per_entry[e]["exact_match"] for e in entries])),
                   float(np.mean(costs)) if costs else float("nan"))
         gaps = [(per_entry[e]["rouge_l"] - base[e]["rouge_l"], own[e]["rouge_l"] - base[e]["rouge_l"])
-                for e in entries if e in base and e in own
-                and gap_recovered(per_entry[e]["rouge_l"], base[e]["rouge_l"], own[e]["rouge_l"]) is not None]
+                for e in entries if e in base and e in own and has_gap(base[e]["rouge_l"], own[e]["rouge_l"])]
         if gaps:
             row.gap_mean = float(np.mean([g / d for g, d in gaps]))
             row.gap_of_means = float(np.mean([g for g, _ in gaps]) / np.mean([d for _, d in gaps]))
@@ -149,7 +153,7 @@ def own_not_better(rows: list[dict]) -> list[tuple[str, float, float]]:
     """Entries whose own adapter does not beat the base model by MIN_GAP: (entry, own, base)."""
     base = {r["entry"]: r["rouge_l"] for r in rows if r["label"] == "base"}
     return sorted((r["entry"], r["rouge_l"], base[r["entry"]]) for r in rows
-                  if r["label"] == "own" and r["entry"] in base and r["rouge_l"] - base[r["entry"]] < MIN_GAP)
+                  if r["label"] == "own" and r["entry"] in base and not has_gap(base[r["entry"]], r["rouge_l"]))
 
 
 def best_setting(summary: list[Row]) -> Row | None:

@@ -70,7 +70,7 @@ def synthetic_model(args, vocab: int):
 def synthetic_readers(args, root: Path, n: int):
     """n adapters of `scale`'s synthetic kind (q/k/v, r=16) for the synthetic model's shapes."""
     from ..adapter import AdapterReader
-    from .scale import Shape, _adapter_config, adapter_bytes
+    from .scale import Shape, adapter_config, adapter_bytes
 
     shape = Shape(layers=args.layers, hidden=args.hidden, kv=args.hidden // args.heads * args.kv_heads)
     readers = []
@@ -78,7 +78,7 @@ def synthetic_readers(args, root: Path, n: int):
         d = root / f"synthetic-{i}"
         d.mkdir()
         (d / "adapter_model.safetensors").write_bytes(adapter_bytes(shape, "f32", 0, i))
-        (d / "adapter_config.json").write_bytes(_adapter_config(shape))
+        (d / "adapter_config.json").write_bytes(adapter_config(shape))
         readers.append(AdapterReader(d))
     return readers
 

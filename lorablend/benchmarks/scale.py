@@ -127,7 +127,7 @@ def _names(n: int) -> list[str]:
     return [f"synthetic-{i:04d}" for i in range(n)]
 
 
-def _adapter_config(shape: Shape) -> bytes:
+def adapter_config(shape: Shape) -> bytes:
     """adapter_config.json exactly as PEFT's save_pretrained writes it."""
     from peft import LoraConfig
 
@@ -224,7 +224,7 @@ def _create_bank(cache: Path, n: int, dtype: str, shape: Shape, seed: int, sketc
 
     cache.mkdir(parents=True, exist_ok=True)
     write_json(cache / "scale.json", spec)
-    config = _adapter_config(shape)
+    config = adapter_config(shape)
     bank = Bank.create(cache, BASE_MODEL)
     bank.manifest.info = {"synthetic": "lorablend.benchmarks.scale", "spec": spec}
     t0 = time.perf_counter()
