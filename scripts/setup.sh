@@ -5,7 +5,8 @@
 #                this project's machines carry on disk; elsewhere use e.g. "torch"
 #                with --index-url https://download.pytorch.org/whl/cpu)
 #   LLAMACPP     1 (default): also install the llama.cpp backend (llama-cpp-python, built
-#                from source the first time: a few minutes; pip caches the wheel); 0: skip it
+#                from source for this CPU without llama.cpp's AMX kernel: scripts/llamacpp.sh);
+#                0: skip it, PyTorch is then the only backend
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,8 +22,7 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 if [ "${LLAMACPP:-1}" = 1 ]; then
-  .venv/bin/python -c "import llama_cpp" 2>/dev/null ||
-    echo "building llama-cpp-python (once; a few minutes; set LLAMACPP=0 to skip)" >&2
+  bash scripts/llamacpp.sh
   "${PIP[@]}" -e '.[dev,ray,llamacpp]'
 else
   "${PIP[@]}" -e '.[dev,ray]'
