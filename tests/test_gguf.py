@@ -678,3 +678,126 @@ def test_model_gguf_command_and_env_override(quantized_gguf, tiny_model_dir, tmp
     (tmp_path / "afile").write_text("")
     code, _, err = _cli(["model", "gguf", "--src", quantized_gguf, "--out", tmp_path / "afile" / "x.gguf"], capfd)
     assert code == 2 and "cannot write there" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- #
+# Merged model GGUF (Ollama FROM, LM Studio)
+# --------------------------------------------------------------------------- #
+
+
+def _greedy(llama_cpp, model: Path, prompts, lora: Path | None = None, n: int = 12) -> list[list[int]]:
+    llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=512, n_threads=2,
+                          verbose=False)
+    try:
+        outs = []
+        for p in prompts:
+            gen = llm.generate(p, temp=0.0, top_k=1, repeat_penalty=1.0)
+            outs.append([next(gen) for _ in range(n)])
+        return outs
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def merged(converted, tmp_path_factory):
+    """The tiny f32 base with the full adapter merged in, at f32, plus the adapter copy it came from."""
+    from lorablend.gguf_export import merge_gguf, merged_metadata
+
+    root = tmp_path_factory.mktemp("merged")
+    adapter = root / "adapter"
+    shutil.copytree(converted["adapter"], adapter)
+    (adapter / "lorablend.json").write_text(json.dumps({"bank": "b", "metric": "js", "coefficients": {"x": 1.0}}))
+    path = merge_gguf(adapter, str(converted["model"]), converted["base"], root / "model.gguf", "f32",
+                      merged_metadata(adapter))
+    return {"path": path, "adapter": adapter}
+
+
+def test_merged_weights_are_base_plus_update(converted, merged):
+    """Each adapted tensor is the base's plus scale * B @ A in llama.cpp's rotary row order; the rest is unchanged."""
+    config = json.loads((converted["model"] / "config.json").read_text())
+    _, base = _read(converted["base"])
+    _, out = _read(merged["path"])
+    assert out.keys() == base.keys()
+    factors = _factors(converted["adapter"])
+    changed = set()
+    for module, (A, B) in factors.items():
+        layer, kind = module.split(".")[2], module.rsplit(".", 1)[-1]
+        name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[kind]
+        tensor = f"blk.{layer}.{name}.weight"
+        delta = out[tensor][1].astype(np.float64) - base[tensor][1]
+        if kind in ("q_proj", "k_proj"):
+            heads = config["num_attention_heads"] if kind == "q_proj" else config["num_key_value_heads"]
+            delta = _unpermute(delta, heads)
+        np.testing.assert_allclose(delta, (8.0 / 4) * (B.astype(np.float64) @ A), atol=1e-6)
+        changed.add(tensor)
+    assert len(changed) == 2 * len(ALL_MODULES)
+    for tensor in base.keys() - changed:
+        assert np.array_equal(out[tensor][1], base[tensor][1]), tensor
+
+
+def test_merged_gguf_keeps_metadata_and_records_provenance(converted, merged):
+    import hashlib
+
+    fields, _ = _read(merged["path"])
+    base_fields, _ = _read(converted["base"])
+    assert "tokenizer.chat_template" in fields and fields["tokenizer.chat_template"] == base_fields["tokenizer.chat_template"]
+    for key, value in base_fields.items():
+        if key != "general.file_type":
+            assert fields[key] == value, key
+    assert fields["lorablend.version"] == "0.1.0"
+    weights = (merged["adapter"] / "adapter_model.safetensors").read_bytes()
+    assert fields["lorablend.adapter_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert json.loads(fields["lorablend.provenance"]) == {"bank": "b", "metric": "js"}
+    assert fields["lorablend.coefficients_sha256"] == hashlib.sha256(b'{"x": 1.0}').hexdigest()
+
+
+def test_merged_gguf_answers_as_the_base_with_the_lora(converted, merged, llama_cpp, tmp_path):
+    """llama.cpp's greedy answers from the merged f32 file are those of the base file with the GGUF LoRA applied.
+
+    The two compute W x + s B (A x) and (W + s B A) x: equal up to float rounding, and on these prompts
+    every token agrees. (PEFT's own answers are those of the LoRA file: test_llamacpp_backend_matches_torch.)
+    """
+    from lorablend.gguf_export import export_gguf
+    from lorablend.models import load_tokenizer
+
+    lora = export_gguf(converted["adapter"], str(converted["model"]), tmp_path / "lora.gguf")
+    prompts = _prompts(load_tokenizer(str(converted["model"])))
+    with_lora = _greedy(llama_cpp, converted["base"], prompts, lora)
+    assert _greedy(llama_cpp, merged["path"], prompts) == with_lora
+    assert with_lora != _greedy(llama_cpp, converted["base"], prompts)
+
+
+def test_merged_gguf_bad_input_and_cli(converted, merged, tmp_path, capfd):
+    from lorablend.gguf_export import export_gguf, merge_gguf
+
+    lora = export_gguf(converted["adapter"], str(converted["model"]), tmp_path / "lora.gguf")
+    with pytest.raises(InputError, match="is a GGUF LoRA adapter, not a model"):
+        merge_gguf(converted["adapter"], str(converted["model"]), lora, tmp_path / "x.gguf")
+    with pytest.raises(InputError, match="dtype must be one of"):
+        merge_gguf(converted["adapter"], str(converted["model"]), converted["base"], tmp_path / "x.gguf", "q4_1")
+    assert not (tmp_path / "x.gguf").exists()
+    out = tmp_path / "m.gguf"
+    argv = ["export", "gguf-merged", merged["adapter"], "--base", converted["model"], "--out", out, "--dtype", "q8_0"]
+    code, stdout, err = _cli(argv, capfd)
+    assert code == 0, err
+    assert "merged model written to" in stdout and _read(out)[0]["general.file_type"] == 7  # MOSTLY_Q8_0
+    code, stdout, err = _cli(argv, capfd)
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = _cli([*argv[:-4], "--out", tmp_path / "n.gguf", "--base-gguf", lora], capfd)
+    assert code == 2 and "not a model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "n.gguf").exists()
+
+
+def test_generate_gguf_merged_flag(tiny_bank, converted, tmp_path, capfd, monkeypatch):
+    """generate --gguf-merged writes model.gguf beside the PEFT files, from the base's GGUF."""
+    data = make_dataset_file(tmp_path / "d.jsonl", "music", n=12)
+    argv = ["generate", "--bank", tiny_bank, "--dataset", data, "--out", tmp_path / "out", "--gguf-merged"]
+    code, out, err = _cli(argv, capfd)  # the bank's tiny model dir has no GGUF
+    assert code == 2 and "has no GGUF file to merge into" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("LORABLEND_LLAMACPP_GGUF", str(converted["base"]))  # the GGUF of a copy of that model
+    code, out, err = _cli([*argv, "--force"], capfd)
+    assert code == 0, err
+    fields, tensors = _read(tmp_path / "out" / "model.gguf")
+    assert fields["general.file_type"] == 32 and json.loads(fields["lorablend.provenance"])["bank"]  # MOSTLY_BF16
+    assert tensors.keys() == _read(converted["base"])[1].keys()
