@@ -109,6 +109,27 @@ def read_spec(adapter_dir: str | Path) -> AdapterSpec:
     return spec
 
 
+def map_weights(path: Path) -> tuple[mmap.mmap, int, dict]:
+    """(read-only map of the safetensors file, offset of its data, its tensor header). A missing,
+    cut-short or damaged file is one InputError, whichever backend then loads it."""
+    if not path.exists():
+        raise InputError(f"{path}: adapter weights not found; an adapter dir needs {CONFIG} and {WEIGHTS}")
+    try:
+        with open(path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        (n,) = struct.unpack("<Q", mm[:8])
+        header = json.loads(mm[8 : 8 + n])
+        header.pop("__metadata__", None)
+        if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+            raise ValueError("the header is not a JSON object of tensors")
+        size = 8 + n + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if size > len(mm):
+            raise ValueError(f"truncated: {len(mm)} of {size} bytes")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable safetensors file ({exc}); re-download or rebuild it") from None
+    return mm, 8 + n, header
+
+
 class AdapterReader:
     """One adapter's LoRA factors, one module at a time, straight from a memory map.
 
@@ -121,24 +142,8 @@ class AdapterReader:
 
     def __init__(self, adapter_dir: str | Path):
         self.spec = read_spec(adapter_dir)
-        path = Path(adapter_dir) / WEIGHTS
-        if not path.exists():
-            raise InputError(f"{path}: adapter weights not found; an adapter dir needs {CONFIG} and {WEIGHTS}")
-        self.path = path
-        try:
-            with open(path, "rb") as fh:
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            (n,) = struct.unpack("<Q", self._mm[:8])
-            header = json.loads(self._mm[8 : 8 + n])
-            header.pop("__metadata__", None)
-            if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
-                raise ValueError("the header is not a JSON object of tensors")
-            size = 8 + n + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-            if size > len(self._mm):
-                raise ValueError(f"truncated: {len(self._mm)} of {size} bytes")
-        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: unreadable safetensors file ({exc}); re-download or rebuild it") from None
-        self._base = 8 + n
+        self.path = path = Path(adapter_dir) / WEIGHTS
+        self._mm, self._base, header = map_weights(path)
         self._tensors = header
         self.modules: list[str] = sorted(
             k[len(PREFIX) : -len(".lora_A.weight")] for k in header if k.endswith(".lora_A.weight")

@@ -17,6 +17,7 @@ from .atomic import sha256_file, write_json
 from .errors import InputError
 
 BANK_FORMAT = "lorablend-bank"
+BANK_DIRS = ("adapters", "datasets", "index")  # what an interrupted first build leaves before bank.json
 BANK_VERSION = 1
 MANIFEST = "bank.json"
 
@@ -96,6 +97,12 @@ class Bank:
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
+    def check_nonempty(self) -> None:
+        """An empty bank has nothing to index, retrieve or combine: say so before any work."""
+        if not self.entries:
+            raise InputError(f"{self.root}: the bank has no entries; add some with `lorablend bank build --out "
+                             f"{self.root}` or `lorablend bank import-lots-of-loras`, or choose another bank")
+
     def entry(self, name: str) -> BankEntry:
         for e in self.entries:
             if e.name == name:
@@ -122,6 +129,65 @@ class Bank:
     @property
     def sha256(self) -> str:
         return sha256_file(self.root / MANIFEST)
+
+
+def check_bank_out(root: Path) -> None:
+    """`bank build` / `bank import-lots-of-loras --out`: a bank (resumed), a new or empty directory, or what an
+    interrupted first build left; never a directory of someone's other files, which the bank would mix with."""
+    root = Path(root)
+    if (root / MANIFEST).exists() or not root.is_dir():
+        return
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in BANK_DIRS and not p.name.startswith("."))
+    if foreign:
+        raise InputError(f"{root}: exists and is not a lorablend bank (it holds {foreign[0]} and no {MANIFEST}); "
+                         "choose a new or empty --out")
+
+
+def confined(rel: str, where: Path, label: str, key: str) -> str:
+    """`rel` if it names a path inside the bank of manifest `where`: a shared bank must never make lorablend read,
+    hash or load files outside it (no absolute paths, no `..` out of it, no symlink leading out)."""
+    inside = where.parent.resolve()
+    try:
+        target = (inside / rel).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop: nothing lorablend could open
+        target = None
+    if "\\" in rel or os.path.isabs(rel) or target is None or inside not in target.parents:
+        raise InputError(f"{where}: {label}: '{key}' {rel[:200]!r} points outside the bank (paths in {MANIFEST} must be "
+                         "relative, with '/', and stay inside the bank, symlinks included); restore the file or "
+                         "rebuild the bank")
+    return rel
+
+
+TMP_EXTRA = len("..12345678.tmp")  # atomic_file / atomic_dir write `.NAME.XXXXXXXX.tmp` beside the target
+
+
+def check_output(out: Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output path inside a bank (banks are shared and checked against
+    their hashes: lorablend never writes into one, --force or not) or a name the file system refuses."""
+    out = Path(out)
+    name_max = _name_max(out)
+    parts = [p for p in out.absolute().parts if p != os.sep]
+    limits = [name_max] * (len(parts) - 1) + [name_max - TMP_EXTRA]
+    for part, limit in zip(parts, limits):
+        if len(os.fsencode(part)) > limit:
+            raise InputError(f"{out}: file name too long ({len(os.fsencode(part))} bytes, at most {limit} here); "
+                             f"choose a shorter {option}")
+    resolved = out.resolve()
+    bank = next((p for p in (resolved, *resolved.parents) if (p / MANIFEST).is_file()), None)
+    if bank is not None:
+        raise InputError(f"{out}: is inside the bank {bank}, and lorablend never writes into a bank; choose a "
+                         f"{option} outside it")
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name the file system holding `path` (its nearest existing parent) accepts."""
+    parent = path.absolute().parent
+    while not os.path.isdir(parent) and parent != parent.parent:  # isdir: False, not an error, on a too-long name
+        parent = parent.parent
+    try:
+        return os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def _parse_manifest(raw, where: Path) -> BankManifest:
@@ -158,13 +224,14 @@ def _parse_manifest(raw, where: Path) -> BankManifest:
         if rec["name"] in seen:
             raise InputError(f"{where}: duplicate entry name '{rec['name']}'; entry names must be unique")
         seen.add(rec["name"])
+        adapter_dir, dataset = (confined(rec[k], where, label, k) for k in ("adapter_dir", "dataset"))
         entries.append(
             BankEntry(
                 name=rec["name"],
-                adapter_dir=rec["adapter_dir"],
-                dataset=rec["dataset"],
+                adapter_dir=adapter_dir,
+                dataset=dataset,
                 family=rec.get("family"),
-                files=dict(rec.get("files", {})),
+                files={confined(rel, where, label, "files"): digest for rel, digest in rec.get("files", {}).items()},
                 info=dict(rec.get("info", {})),
             )
         )

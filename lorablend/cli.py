@@ -54,9 +54,11 @@ def model_gguf_cmd(
     src: Optional[Path] = typer.Option(None, help="A quantized GGUF model (default: the SmolLM2 wheel's Q4_1 file)."),
 ):
     """Write a base-model GGUF in another type for the llama.cpp backend; run it with LORABLEND_LLAMACPP_GGUF=FILE."""
+    from .bank import check_output
     from .gguf_export import dequantize_gguf
     from .models import smollm2_gguf
 
+    check_output(out_file)
     with console.status(f"writing {out_file} ({dtype})"):
         path = dequantize_gguf(src or smollm2_gguf(), out_file, dtype)
     out.print(f"{path}: run the llama.cpp backend on it with LORABLEND_LLAMACPP_GGUF={path}")
@@ -186,11 +188,14 @@ def eval_cmd(
     """Greedy generation + Rouge-L / Rouge-Lsum / exact match, with the prompt format used in training."""
     from .adapter import read_spec
     from .atomic import atomic_file
+    from .bank import check_output
     from .dataset import load_dataset
     from .evaluate import Scores, answers_with, exact_match, load_for_eval, max_new_tokens_for, rouge
 
     if (adapter is None) == (not no_adapter):
         raise InputError("give exactly one of --adapter DIR or --no-adapter")
+    if predictions:
+        check_output(predictions, "--predictions")
     base = model or (read_spec(adapter).base_model if adapter else "") or "smollm2"
     ds = load_dataset(dataset, seed=seed)
     examples = ds.split(split)[:limit]
@@ -319,9 +324,12 @@ def bench_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from .bank import check_output
     from .bench import DEFAULT_PRESETS, BenchConfig, RecordStore, Reporter, export, run_bench
     from .report import write_report
 
+    check_output(results, "--results")
+    check_output(report, "--report")
     if report_only:
         store = RecordStore(results)
         csv_path = export(store, results) if store.count() else results / "scores.csv"
@@ -525,6 +533,9 @@ def export_gguf_merged_cmd(
 
 
 def _check_new_file(target: Path, force: bool) -> None:
+    from .bank import check_output
+
+    check_output(target)
     if target.is_dir():
         raise InputError(f"{target}: is a directory; --out names the .gguf file to write")
     if target.exists() and not force:

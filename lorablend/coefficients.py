@@ -57,8 +57,14 @@ def check_options(n_candidates: int, temperature: float, top_k: int | None) -> N
         raise InputError(f"--temperature must be > 0, got {temperature}")
     if n_candidates < 1:
         raise InputError("no bank entry is left to combine after exclusions; use a bank with more entries")
-    if top_k is not None and not 1 <= top_k <= n_candidates:
-        raise InputError(f"--top-k must be between 1 and {n_candidates} (the candidate entries), got {top_k}")
+    if top_k is not None:
+        check_count("--top-k", top_k, n_candidates)
+
+
+def check_count(option: str, value: int, n_candidates: int) -> None:
+    """A count of entries to keep (--top-k, --rerank) must fit the candidates: more would silently mean all."""
+    if not 1 <= value <= n_candidates:
+        raise InputError(f"{option} must be between 1 and {n_candidates} (the candidate entries), got {value}")
 
 
 def coefficients(

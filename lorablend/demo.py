@@ -9,7 +9,7 @@ task is fixed (chosen before any result was seen), not picked for its score.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .bank import Bank
@@ -39,6 +39,8 @@ def run_demo(task: str = DEFAULT_TASK, bank: str = "default", out: Path | None =
     dataset = load_dataset(b.dataset_path(entry), name=task)
     test = dataset.split("test")[:n]
     out = out or Path("lorablend-demo") / task
+    if setting.rerank:  # the fixed setting fits a bank smaller than the default one (generate refuses more)
+        setting = replace(setting, rerank=max(1, min(setting.rerank, len(b.entries) - 1)))
     say(f"generating an adapter for {task} from the other {len(b.entries) - 1} entries")
     result = generate(b, dataset, out, setting, force=True)
     say("loading the base model and the adapters")

@@ -10,6 +10,7 @@ import math
 import re
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -133,8 +134,12 @@ def load_for_eval(model_id: str, adapters: dict[str, str | None], model=None, ba
 
     if resolve_backend(backend, model_id) == "llamacpp":
         return load_llamacpp(model_id, adapters, model), load_tokenizer(model_id)
-    model = load_model(model_id) if model is None else model
+    from .adapter import WEIGHTS, map_weights
+
     named = {k: v for k, v in adapters.items() if v is not None}
+    for path in named.values():  # PEFT's own error on a damaged file names neither the file nor the fix
+        map_weights(Path(path) / WEIGHTS)[0].close()
+    model = load_model(model_id) if model is None else model
     if named:
         from peft import PeftModel
 

@@ -20,8 +20,8 @@ import numpy as np
 from . import __version__
 from .adapter import AdapterReader, write_adapter
 from .atomic import atomic_dir, write_json
-from .bank import Bank
-from .coefficients import OPERATORS, NeuralOperator, coefficients, keep_top_k
+from .bank import Bank, check_output
+from .coefficients import OPERATORS, NeuralOperator, check_count, coefficients, keep_top_k
 from .combine import METHODS, Factors, combine
 from .dataset import Dataset, load_dataset
 from .distances import METRICS, measure
@@ -361,16 +361,19 @@ def generate(
     setting.check()
     if auto:
         check_auto(setting)
+    bank.check_nonempty()
     out = Path(out)
     check_out(out, force, [bank.root] + ([Path(dataset.source)] if dataset.source else []))
     excluded = exclusions(bank, dataset, list(exclude), exclude_family)
-    if bank.names and set(bank.names) <= set(excluded):
+    if set(bank.names) <= set(excluded):
         shown = ", ".join(excluded[:6]) + ("…" if len(excluded) > 6 else "")
         raise InputError(
             f"{bank.root}: no bank entry is left to combine: all {len(bank.names)} are excluded (excluded: {shown}; "
             "the entry trained on this very dataset, --exclude and --exclude-family leave entries out); "
             "use a bank with more entries"
         )
+    if setting.rerank:
+        check_count("--rerank", setting.rerank, len(bank.names) - len(excluded))
     timings, calibration = {}, None
     if setting.metric == "ce":
         d = np.zeros(len(bank.names))  # every candidate is scored by the model
@@ -433,8 +436,9 @@ def verify_entries(bank: Bank, names: list[str]) -> None:
 
 def check_out(out: Path, force: bool, keep: list[Path] = ()) -> None:
     """Refuse an --out that cannot be written, before any work: it exists (without --force), it is a
-    file, replacing it would delete the bank or the dataset, or its parent is not a writable directory."""
-    if out.exists() or out.is_symlink():
+    file, replacing it would delete the bank or the dataset, its parent is not a writable directory, or
+    it lies inside a bank or has too long a name (`check_output`)."""
+    if os.path.lexists(out):
         if not force:
             raise InputError(f"{out}: already exists; choose another --out or pass --force to replace it")
         if not out.is_dir():
@@ -446,12 +450,13 @@ def check_out(out: Path, force: bool, keep: list[Path] = ()) -> None:
             if path == target or target in path.parents:
                 raise InputError(f"{out}: --force would delete {path} (the bank or the dataset); choose another --out")
     parent = out.absolute().parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+    while not os.path.lexists(parent) and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise InputError(f"{out}: cannot write there ({parent} is not a directory); choose a writable --out")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{out}: cannot write there ({parent} is not writable); choose a writable --out")
+    check_output(out)
 
 
 def write_output(out: Path, modules: dict[str, Factors], base_model: str, prov: Provenance | None, *, force: bool,

@@ -43,7 +43,7 @@ from typing import Callable
 
 from .adapter import CONFIG, AdapterReader, read_spec
 from .atomic import atomic_dir
-from .bank import Bank, BankEntry
+from .bank import Bank, BankEntry, check_bank_out
 from .dataset import SPLITS, Dataset, load_dataset, save_dataset
 from .errors import InputError
 
@@ -305,6 +305,7 @@ def import_lots_of_loras(
     if base is None:
         first = next(iter(failed.values()), "")
         raise InputError(f"{src}: no adapter has a usable {CONFIG} (first problem: {first})")
+    check_bank_out(out)
     bank = Bank.create(out, base_model=base, tokenizer=base)
     if bank.manifest.base_model != base:
         raise InputError(f"{out}: bank is for {bank.manifest.base_model}, not {base}; use another --out")

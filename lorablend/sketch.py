@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,7 +170,8 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 def load_sketches(bank: Bank, kind: str) -> tuple[IndexManifest, BankSketches]:
-    """The cached bank side of `kind`; a clear error when the index is missing or stale."""
+    """The cached bank side of `kind`; a clear error when the index is missing, stale or damaged."""
+    bank.check_nonempty()
     if kind not in SKETCHES:
         from .errors import suggest
 
@@ -186,10 +189,7 @@ def load_sketches(bank: Bank, kind: str) -> tuple[IndexManifest, BankSketches]:
         more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
         raise InputError(f"{bank.root}: index is stale for {stale[0]}{more}; run `lorablend bank index {bank.root}`")
     path = index_dir(bank) / f"{kind}.npz"
-    try:
-        sk = _read_npz(path, kind)
-    except (OSError, KeyError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable sketches ({exc}); rebuild with `lorablend bank index {bank.root}`") from None
+    sk = _read_npz(path, kind, bank.root)
     names = sk.names
     order = {n: i for i, n in enumerate(names)}
     missing = [e.name for e in bank.entries if e.name not in order]
@@ -209,6 +209,7 @@ def _reorder(sk: BankSketches, rows: list[int], names: list[str]) -> BankSketche
 
 def build_index(bank: Bank, kinds: tuple[str, ...] = SKETCHES, encoder: str | None = None, progress=None) -> IndexManifest:
     """Compute (or reuse) every entry's sketches and write `BANK/index/` atomically, file by file."""
+    bank.check_nonempty()
     old = read_manifest(bank)
     manifest = IndexManifest(tokenizer=bank.manifest.tokenizer, encoder=encoder or (old.encoder if old else "") or bank.manifest.base_model)
     if old and (old.encoder != manifest.encoder or old.tokenizer != manifest.tokenizer):
@@ -245,13 +246,29 @@ def _entry_dataset(bank: Bank, entry) -> Dataset:
         raise InputError(f"entry {entry.name}: {exc}; or restore the file, or rebuild / re-import the entry") from None
 
 
-def _read_npz(path: Path, kind: str) -> BankSketches:
-    with np.load(path, allow_pickle=False) as z:
-        names = [str(n) for n in z["names"]]
-        if is_token_sketch(kind):
-            return BankSketches(names, counts=sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"])))
-        clouds = np.split(z["vectors"].astype(np.float32), z["offsets"][1:-1])
-        return BankSketches(names, clouds=clouds, codebook=z["codebook"].astype(np.float32))
+def _read_npz(path: Path, kind: str, root: Path) -> BankSketches:
+    """The sketches in `path` (of the bank at `root`); a cut-short, damaged or inconsistent file is an
+    InputError naming the fix."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = [str(n) for n in z["names"]]
+            if is_token_sketch(kind):
+                counts = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(n) for n in z["shape"]))
+                if counts.shape[0] != len(names):
+                    raise ValueError(f"{counts.shape[0]} histograms for {len(names)} names")
+                return BankSketches(names, counts=counts)
+            vectors, offsets, codebook = z["vectors"], z["offsets"], z["codebook"]
+            if (vectors.ndim != 2 or codebook.ndim != 2 or codebook.shape[1] != vectors.shape[1]
+                    or offsets.shape != (len(names) + 1,) or offsets[0] != 0 or offsets[-1] != len(vectors)
+                    or np.any(np.diff(offsets) < 0)):
+                raise ValueError(f"arrays of inconsistent shapes (vectors {vectors.shape}, offsets {offsets.shape}, "
+                                 f"codebook {codebook.shape}, {len(names)} names)")
+            clouds = np.split(vectors.astype(np.float32), offsets[1:-1])
+            return BankSketches(names, clouds=clouds, codebook=codebook.astype(np.float32))
+    except (OSError, EOFError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: unreadable or damaged index file ({reason}); rebuild it with "
+                         f"`lorablend bank index {root}`") from None
 
 
 def _cached_rows(bank: Bank, kind: str) -> dict[str, np.ndarray]:
@@ -259,7 +276,10 @@ def _cached_rows(bank: Bank, kind: str) -> dict[str, np.ndarray]:
     path = index_dir(bank) / f"{kind}.npz"
     if not path.exists():
         return {}
-    sk = _read_npz(path, kind)
+    try:
+        sk = _read_npz(path, kind, bank.root)
+    except InputError:  # a damaged cache is what `bank index` is run to repair: recompute every row
+        return {}
     if is_token_sketch(kind):
         return {n: sk.counts[i].toarray().ravel().astype(np.float64) for i, n in enumerate(sk.names)}
     return dict(zip(sk.names, sk.clouds))

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic import atomic_dir
-from .bank import Bank, BankEntry
+from .bank import Bank, BankEntry, check_bank_out
 from .dataset import Dataset, Example, load_dataset, save_dataset
 from .errors import InputError
 from .evaluate import Scores, generate_answers, max_new_tokens_for
@@ -163,6 +163,7 @@ def build_bank(
 
     from .models import load_model, load_tokenizer
 
+    check_bank_out(out)
     bank = Bank.create(out, base_model=model_id, tokenizer=model_id)
     if bank.manifest.base_model != model_id:
         raise InputError(f"{out}: bank is for {bank.manifest.base_model}, not {model_id}; use another --out")

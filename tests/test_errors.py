@@ -423,6 +423,91 @@ def _(c):
     return c.gen()
 
 
+@case("bank-tokenizer-not-json", 2, r"cannot load the bank's tokenizer .*bad-tokenizer' \(Expecting value.*\); .*fix 'tokenizer' in the bank's bank\.json")
+def _(c):
+    tok = c.tmp / "bad-tokenizer"
+    shutil.copytree(c.extras["grown_tokenizer"], tok)
+    (tok / "tokenizer.json").write_text("<html>not a tokenizer</html>")
+    c.manifest(lambda m: m.update(tokenizer=str(tok)))
+    c.index(lambda m: m.update(tokenizer=str(tok)))
+    return c.gen()
+
+
+@case("bank-empty", 2, r"bank: the bank has no entries; add some with `lorablend bank build")
+def _(c):
+    c.manifest(lambda m: m.update(entries=[]))
+    return c.gen()
+
+
+@case("bank-empty-index", 2, r"bank: the bank has no entries")
+def _(c):
+    c.manifest(lambda m: m.update(entries=[]))
+    shutil.rmtree(c.bank / "index")
+    return ["bank", "index", str(c.bank)]
+
+
+@case("bank-index-truncated", 2, r"index/tokens\.npz: unreadable or damaged index file \(.*\); rebuild it with `lorablend bank index .*bank`$")
+def _(c):
+    path = c.bank / "index" / "tokens.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return c.gen()
+
+
+@case("bank-index-wrong-shapes", 2, r"index/tokens\.npz: unreadable or damaged index file \(5 histograms for 4 names\); rebuild it with `lorablend bank index")
+def _(c):
+    path = c.bank / "index" / "tokens.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["names"] = arrays["names"][:-1]
+    np.savez_compressed(path, **arrays)
+    return c.gen()
+
+
+@case("bank-index-embeddings-wrong-shapes", 2, r"index/embeddings\.npz: unreadable or damaged index file \(arrays of inconsistent shapes")
+def _(c):
+    path = c.bank / "index" / "embeddings.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["offsets"] = arrays["offsets"][:-1]
+    np.savez_compressed(path, **arrays)
+    return c.gen("--sketch", "embeddings")
+
+
+def _outside(c, entry: str = ENTRY) -> Path:
+    """A copy of the entry's adapter outside the bank (its sha256 in bank.json still matches)."""
+    shutil.copytree(c.adapter(entry), c.tmp / "outside" / entry)
+    return c.tmp / "outside" / entry
+
+
+@case("bank-entry-path-escapes", 2, r"bank\.json: entry 1 \(code\): 'adapter_dir' '\.\./outside/code' points outside the bank .*; restore the file or rebuild")
+def _(c):
+    _outside(c)
+    c.manifest(lambda m: m["entries"][1].update(adapter_dir="../outside/code"))
+    return c.gen()
+
+
+@case("bank-entry-path-escapes-verify", 2, r"bank\.json: entry 1 \(code\): 'dataset' '\.\./outside/code\.jsonl\.gz' points outside the bank")
+def _(c):
+    shutil.copy(c.bank / "datasets" / "code.jsonl.gz", c.tmp / "outside.jsonl.gz")
+    c.manifest(lambda m: m["entries"][1].update(dataset="../outside/code.jsonl.gz"))
+    return ["bank", "verify", str(c.bank)]
+
+
+@case("bank-entry-path-absolute", 2, r"bank\.json: entry 1 \(code\): 'files' '/.*/outside/code/adapter_config\.json' points outside the bank")
+def _(c):
+    outside = _outside(c)
+    c.manifest(lambda m: m["entries"][1]["files"].update({str(outside / "adapter_config.json"): "0" * 64}))
+    return ["bank", "verify", str(c.bank)]
+
+
+@case("bank-entry-symlink-leads-out", 2, r"bank\.json: entry 1 \(code\): 'adapter_dir' 'adapters/code' points outside the bank .*symlinks included")
+def _(c):
+    outside = _outside(c)
+    shutil.rmtree(c.adapter())
+    c.adapter().symlink_to(outside, target_is_directory=True)
+    return c.gen()
+
+
 # -- adapters ------------------------------------------------------------------
 
 
@@ -682,6 +767,62 @@ def _(c):
     return c.gen("--force", dataset=c.dataset.rename(c.tmp / "mydata" / "mine.jsonl"), out=c.tmp / "mydata")
 
 
+@case("out-inside-a-bank-entry-even-with-force", 2, r"adapters/code: is inside the bank .*bank, and lorablend never writes into a bank; choose a --out outside it")
+def _(c):
+    return c.gen("--force", out=c.adapter())
+
+
+@case("out-new-dir-inside-the-bank", 2, r"bank/mine: is inside the bank .*bank, and lorablend never writes into a bank")
+def _(c):
+    return c.gen(out=c.bank / "mine")
+
+
+@case("out-symlink-into-the-bank", 2, r"link/out: is inside the bank .*bank, and lorablend never writes")
+def _(c):
+    (c.tmp / "link").symlink_to(c.bank / "adapters", target_is_directory=True)
+    return c.gen(out=c.tmp / "link" / "out")
+
+
+@case("out-name-too-long", 2, r"a{300}: file name too long \(300 bytes, at most \d+ here\); choose a shorter --out")
+def _(c):
+    return c.gen(out=c.tmp / ("a" * 300))
+
+
+@case("rerank-above-n", 2, r"--rerank must be between 1 and 5 \(the candidate entries\), got 999")
+def _(c):
+    return c.gen("--rerank", "999")
+
+
+@case("export-gguf-into-a-bank-entry", 2, r"adapters/code/adapter\.gguf: is inside the bank .*, and lorablend never writes into a bank; choose a --out")
+def _(c):
+    return ["export", "gguf", str(c.adapter()), "--force"]
+
+
+@case("eval-predictions-into-the-bank", 2, r"bank/preds\.jsonl: is inside the bank .*; choose a --predictions outside it")
+def _(c):
+    return ["eval", "--dataset", str(c.dataset), "--adapter", str(c.adapter()), "--predictions", str(c.bank / "preds.jsonl")]
+
+
+@case("bench-results-into-the-bank", 2, r"bank/results: is inside the bank .*; choose a --results outside it")
+def _(c):
+    return ["bench", "--bank", str(c.bank), "--results", str(c.bank / "results"), "--report", str(c.tmp / "r.md")]
+
+
+@case("eval-torch-truncated-safetensors", 2, r"adapters/code/adapter_model\.safetensors: unreadable safetensors file \(truncated: .*\); re-download or rebuild it")
+def _(c):
+    path = c.adapter() / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    base = json.loads((c.bank / "bank.json").read_text())["base_model"]
+    return ["eval", "--dataset", str(c.dataset), "--adapter", str(c.adapter()), "--model", base, "--backend", "torch"]
+
+
+@case("bank-build-into-a-foreign-dir", 2, r"mydir: exists and is not a lorablend bank \(it holds notes\.txt and no bank\.json\); choose a new or empty --out")
+def _(c):
+    (c.tmp / "mydir").mkdir()
+    (c.tmp / "mydir" / "notes.txt").write_text("mine")
+    return ["bank", "build", "--tasks", str(c.dataset), "--out", str(c.tmp / "mydir")]
+
+
 @case("write-fails-midway-enospc", 1, r"out: writing the adapter failed \(No space left on device\); nothing was written")
 def _(c):
     import safetensors.numpy
@@ -798,6 +939,24 @@ def test_force_replaces_an_existing_adapter(ctx, capfd):
     assert code == 0, err
     assert not (ctx.out / "stale.txt").exists() and (ctx.out / "adapter_model.safetensors").exists()
     assert leftovers(ctx.tmp) == []
+
+
+def test_bank_index_repairs_a_damaged_index(ctx, capfd):
+    """The fix the damaged-index message gives works: `bank index` recomputes what it cannot read."""
+    path = ctx.bank / "index" / "tokens.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    code, _, err = run_cli(["bank", "index", str(ctx.bank), "--sketch", "tokens"], capfd)
+    assert code == 0, err
+    code, _, err = run_cli(ctx.gen(), capfd)
+    assert code == 0, err
+
+
+def test_nan_input_is_read_as_text(ctx):
+    """A JSON NaN (or any number) in a text field is that text: "nan" is a valid, if odd, input (docs/ERRORS.md)."""
+    from lorablend.dataset import load_dataset
+
+    path = ctx.write("nan.jsonl", '{"input": NaN, "output": "b"}\n' * 3)
+    assert {e.input for e in load_dataset(path).splits["train"]} == {"nan"}
 
 
 def test_debug_shows_the_traceback(ctx, monkeypatch):

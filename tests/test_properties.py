@@ -325,3 +325,60 @@ def test_adapter_config_reader_never_crashes(cfg):
         except InputError:
             return
     assert spec.r >= 1 and math.isfinite(spec.alpha)
+
+
+PART = st.sampled_from(["..", ".", "", "adapters", "a", "b..", "...", "/", "\\", "..\\..", "C:", "~"])
+PATH = st.builds(lambda lead, parts, seps: lead + "".join(p + s for p, s in zip(parts, seps)),
+                 st.sampled_from(["", "/", "\\", "//", "./"]), st.lists(PART, max_size=6),
+                 st.lists(st.sampled_from(["/", "\\", "//"]), min_size=6, max_size=6))
+
+
+def _manifest_with(root: Path, **fields) -> Path:
+    entry = {"name": "x", "adapter_dir": "adapters/x", "dataset": "datasets/x.jsonl.gz", **fields}
+    (root / "bank.json").write_text(json.dumps({"format": "lorablend-bank", "version": 1, "base_model": "m",
+                                                "entries": [entry]}))
+    return root
+
+
+@FAST
+@example(rel="../outside/x")
+@example(rel="/etc/passwd")
+@example(rel="adapters\\..\\..\\x")
+@example(rel="adapters/../adapters/x")
+@given(rel=PATH)
+def test_bank_paths_are_confined_to_the_bank(rel):
+    """Every entry path the manifest loader accepts names a path strictly inside the bank; the rest are
+    refused with one line naming the entry and the field (no symlinks here, so the lexical form decides)."""
+    import posixpath
+
+    from lorablend.bank import Bank
+
+    inside = not ("\\" in rel or rel.startswith("/") or posixpath.normpath(rel).split("/")[0] in ("..", "."))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp).resolve()
+        for key in ("adapter_dir", "dataset"):
+            _manifest_with(root, **{key: rel})
+            try:
+                bank = Bank.open(root)
+            except InputError as exc:
+                assert not inside and f"entry 0 (x): '{key}'" in str(exc) and "points outside the bank" in str(exc)
+                continue
+            assert inside
+            path = (bank.root / getattr(bank.entries[0], key)).resolve()
+            assert root in path.parents
+
+
+def test_bank_paths_through_symlinks_are_confined(tmp_path):
+    """A symlink inside the bank may lead elsewhere inside it, never out of it."""
+    from lorablend.bank import Bank
+
+    root, outside = tmp_path / "bank", tmp_path / "outside"
+    (root / "adapters" / "real").mkdir(parents=True)
+    outside.mkdir()
+    (root / "adapters" / "in").symlink_to(root / "adapters" / "real")
+    (root / "adapters" / "out").symlink_to(outside)
+    assert Bank.open(_manifest_with(root, adapter_dir="adapters/in")).entries[0].adapter_dir == "adapters/in"
+    with pytest.raises(InputError, match=r"entry 0 \(x\): 'adapter_dir' 'adapters/out' points outside the bank"):
+        Bank.open(_manifest_with(root, adapter_dir="adapters/out"))
+    with pytest.raises(InputError, match=r"entry 0 \(x\): 'files' 'adapters/out/w' points outside the bank"):
+        Bank.open(_manifest_with(root, files={"adapters/out/w": "0" * 64}))

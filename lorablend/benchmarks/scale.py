@@ -421,7 +421,7 @@ def child_distances(spec: dict, method: str) -> dict:
     stages = {}
     with MemorySampler() as mem:
         t0 = time.perf_counter()
-        sk = _read_npz(cache / "distance-sketches" / "tokens.npz", "tokens")
+        sk = _read_npz(cache / "distance-sketches" / "tokens.npz", "tokens", cache)
         t1 = time.perf_counter()
         d = measure(METRIC, query, sk.counts)
         t2 = time.perf_counter()
