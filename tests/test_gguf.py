@@ -801,3 +801,13 @@ def test_generate_gguf_merged_flag(tiny_bank, converted, tmp_path, capfd, monkey
     fields, tensors = _read(tmp_path / "out" / "model.gguf")
     assert fields["general.file_type"] == 32 and json.loads(fields["lorablend.provenance"])["bank"]  # MOSTLY_BF16
     assert tensors.keys() == _read(converted["base"])[1].keys()
+
+
+def test_merged_gguf_never_written_into_a_bank(tiny_bank, converted, merged, tmp_path, capfd):
+    bank = tmp_path / "bank"
+    shutil.copytree(tiny_bank, bank)
+    target = bank / "adapters" / "animals" / "model.gguf"
+    code, out, err = _cli(["export", "gguf-merged", merged["adapter"], "--base", converted["model"], "--out", target,
+                           "--force"], capfd)
+    assert code == 2 and "never writes into a bank" in err and len(err.strip().splitlines()) == 1
+    assert not target.exists()
