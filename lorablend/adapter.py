@@ -203,6 +203,24 @@ class AdapterReader:
         self._mm.madvise(mmap.MADV_DONTNEED, 0, min(end, len(self._mm)))
 
 
+def check_shapes(module: str, labels: list[str], factors: list[Factors], weight: tuple[int, int] | None = None) -> None:
+    """Refuse one module's factors that map different features: the adapters are not for one base model.
+    `labels` name each adapter in the message (e.g. "entry NAME"); `weight`, the base model's (out, in)
+    shape when it is at hand, else the shape most adapters share, is what the odd one is compared with."""
+    from collections import Counter
+
+    shapes = [(f.B.shape[0], f.A.shape[1]) for f in factors]
+    want = weight or Counter(shapes).most_common(1)[0][0]
+    odd = next((j for j, sh in enumerate(shapes) if sh != want), None)
+    if odd is None:
+        return
+    ref = "the base model" if weight else labels[shapes.index(want)]
+    raise InputError(
+        f"{labels[odd]}: module {module} maps {shapes[odd][1]} -> {shapes[odd][0]} features but {ref} maps "
+        f"{want[1]} -> {want[0]}; the adapters are not for one base model: remove {labels[odd]} from the bank"
+    )
+
+
 def write_adapter(
     out_dir: Path,
     modules: dict[str, Factors],

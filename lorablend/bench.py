@@ -71,8 +71,8 @@ from . import metafit
 from .atomic import write_json
 from .bank import Bank
 from .errors import InputError
-from .ce import CE_EXAMPLES
-from .generate import Setting, check_auto, coefficient_row, exclusions, mixture_scorer, open_readers
+from .ce import CE_EXAMPLES, FIRST_ORDER_PASSES
+from .generate import Setting, check_auto, coefficient_row, exclusions, mixture_scorer, open_readers, retrieve
 
 HOLDOUTS = ("entry", "family")
 _PAPER_METRICS = ("wd", "kl", "js", "mmd")
@@ -97,6 +97,12 @@ PRESETS = {
         "target-tokens/js/normalized/svd/T1/top1/rerank8",
         "tokens/ce/normalized/svd/T1/top8",
         "target-tokens/js/fit/svd/T1/top4/rerank16",
+        # first-order scoring (one backward pass ranks the whole bank), added after the 28-entry run above:
+        # alone, as the retriever of a rerank, and in union with output-side JS
+        "tokens/grad/normalized/svd/T1/top1",
+        "tokens/grad/normalized/svd/T1/top1/rerank8",
+        "target-tokens/grad+js/normalized/svd/T1/top1/rerank8",
+        "target-tokens/grad+js/normalized/svd/T1/top1/rerank16",
     ),
     # the paper's best setting next to lorablend's, for a look in minutes (5.6 min with --jobs 2 on 2 cores, 61-entry bank)
     "quick": ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto"),
@@ -221,8 +227,9 @@ def uniform_label(combine: str, rank: int | None) -> str:
 
 
 def distributional(specs: list[Spec]) -> list[tuple[str, str]]:
-    """The (sketch, metric) pairs with a distance matrix: every metric but ce (whose nearest is best-ce)."""
-    return list(dict.fromkeys((s.setting.sketch, s.setting.metric) for s in specs if s.setting.metric != "ce"))
+    """The (sketch, metric) pairs with a distance matrix: every distance but ce and grad (whose nearest is
+    best-ce and the grad setting's top-1); js for grad+js."""
+    return list(dict.fromkeys((s.setting.sketch, s.setting.distance) for s in specs if s.setting.distance))
 
 
 def slots_for(specs: list[Spec], holdouts: tuple[str, ...]) -> list[Slot]:
@@ -324,12 +331,12 @@ class EntryPlan:
 
         def fit():
             cfg = NeuralConfig(hidden=self.neural_hidden, epochs=self.neural_epochs, seed=self.seed,
-                               sketch=s.sketch, metric=s.metric, space=spec.space)
+                               sketch=s.sketch, metric=s.distance, space=spec.space)
             op, train, _ = metafit.fit_meta(self.bank, cfg, holdout=0.0, exclude=self.excluded(holdout),
-                                            D=self.m.D[(s.sketch, s.metric)], G=self.m.G[spec.space], save=False)
+                                            D=self.m.D[(s.sketch, s.distance)], G=self.m.G[spec.space], save=False)
             return op, [self.bank.names[j] for j in train]
 
-        return self._cached(("neural", holdout, s.sketch, s.metric, spec.space), fit)
+        return self._cached(("neural", holdout, s.sketch, s.distance, spec.space), fit)
 
     def calibration(self, holdout: str, spec: Spec):
         """(T, top-k) for an `auto` setting, chosen on the bank without this entry (and its family)."""
@@ -337,8 +344,8 @@ class EntryPlan:
 
         s = spec.setting
         families = [e.family for e in self.bank.entries] if holdout == "family" else None
-        return self._cached(("cal", holdout, s.sketch, s.metric, s.operator, spec.space),
-                            lambda: calibrate(self.m.D[(s.sketch, s.metric)], self.m.G[spec.space],
+        return self._cached(("cal", holdout, s.sketch, s.distance, s.operator, spec.space),
+                            lambda: calibrate(self.m.D[(s.sketch, s.distance)], self.m.G[spec.space],
                                               self.usable(holdout), s.operator, families))
 
     def concrete(self, holdout: str, spec: Spec) -> Setting:
@@ -355,21 +362,36 @@ class EntryPlan:
         """ce of every adapter usable under holdout entry (name -> value) and the wall seconds it took per
         candidate. A candidate's ce does not depend on the others, so the row is computed once per entry,
         cached in RESULTS/ce/ (keyed by bank and k) and sliced by every setting, control and holdout."""
-        if "ce" not in self._fits:
-            path = self.ce_dir / f"{self.name}.k{CE_EXAMPLES}.{self.bank.sha256[:16]}.json"
+        got = self._row("", lambda names, _: with_scorer(self.bank, names, self.dataset, lambda sc: sc.ce_row()))
+        return dict(zip(got["names"], got["ce"])), got["seconds_per_candidate"]
+
+    def first_order(self) -> tuple[dict[str, float], float, float]:
+        """grad of every adapter usable under holdout entry, the wall seconds of the backward pass and
+        those of scoring one adapter after it; cached beside the ce row and sliced the same way."""
+        got = self._row(".grad", lambda names, timing: with_first_order(self.bank, names, self.dataset, timing))
+        return dict(zip(got["names"], got["ce"])), got["backward_seconds"], got["seconds_per_candidate"]
+
+    def _row(self, kind: str, compute) -> dict:
+        key = "row" + kind
+        if key not in self._fits:
+            path = self.ce_dir / f"{self.name}{kind}.k{CE_EXAMPLES}.{self.bank.sha256[:16]}.json"
             if not path.exists():
-                names = [self.bank.names[j] for j in self.usable("entry")]
-                t0, cpu0 = time.perf_counter(), time.process_time()
-                row = with_scorer(self.bank, names, self.dataset, lambda scorer: scorer.ce_row())
-                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
                 import torch
 
+                names = [self.bank.names[j] for j in self.usable("entry")]
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                timing: dict = {}
+                row = compute(names, timing)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                per = (wall - timing.get("backward_s", 0.0)) / len(names)
                 write_json(path, {"entry": self.name, "k": CE_EXAMPLES, "bank_manifest_sha256": self.bank.sha256,
-                                  "names": names, "ce": row.tolist(), "seconds_per_candidate": wall / len(names),
-                                  "cpu_seconds_per_candidate": cpu / len(names), "threads": torch.get_num_threads()})
-            got = json.loads(path.read_text(encoding="utf-8"))
-            self._fits["ce"] = dict(zip(got["names"], got["ce"])), got["seconds_per_candidate"]
-        return self._fits["ce"]
+                                  "names": names, "ce": row.tolist(), "seconds_per_candidate": per,
+                                  "cpu_seconds_per_candidate": (cpu - timing.get("backward_cpu_s", 0.0)) / len(names),
+                                  **({"backward_seconds": timing["backward_s"],
+                                      "backward_cpu_seconds": timing["backward_cpu_s"]} if timing else {}),
+                                  "threads": torch.get_num_threads()})
+            self._fits[key] = json.loads(path.read_text(encoding="utf-8"))
+        return self._fits[key]
 
     def coefficients(self, slot: Slot) -> tuple[np.ndarray | None, dict]:
         """The slot's coefficient vector (None: base model) and what to record about how it was made."""
@@ -389,7 +411,7 @@ class EntryPlan:
             return one_hot(n, min(usable, key=lambda j: (d[self.i, j], j))), info
         if slot.control == "best-ce":
             ce, per_candidate = self.ce()
-            info["model_s"] = per_candidate * len(usable)
+            info["model_s"], info["passes"] = per_candidate * len(usable), len(usable) + 1
             return one_hot(n, min(usable, key=lambda j: (ce[self.bank.names[j]], j))), info
         setting = self.concrete(h, slot.spec)
         info.update(temperature=setting.temperature, top_k=setting.top_k)
@@ -398,16 +420,46 @@ class EntryPlan:
         neural = None
         if setting.operator == "neural":
             neural, info["neural_trained_on"] = self.neural(h, slot.spec)
-        d = self.m.D[(setting.sketch, setting.metric)][self.i] if setting.metric != "ce" else np.zeros(n)
+        d = self.m.D[(setting.sketch, setting.distance)][self.i] if setting.distance else np.zeros(n)
         scorers: list[SlicedScorer] = []
+        info["model_s"], info["passes"] = 0.0, 0
 
         def make_scorer(names: list[str]) -> SlicedScorer:
             scorers.append(SlicedScorer(self, names))
             return scorers[-1]
 
-        c = coefficient_row(self.bank, setting, d, info["excluded"], neural=neural, make_scorer=make_scorer)
-        info["model_s"] = sum(sc.seconds for sc in scorers)
+        def first_order(names: list[str]) -> np.ndarray:
+            grad, backward, per_candidate = self.first_order()
+            info["model_s"] += backward + per_candidate * len(names)
+            info["passes"] += FIRST_ORDER_PASSES
+            return np.array([grad[n] for n in names])
+
+        c = coefficient_row(self.bank, setting, d, info["excluded"], neural=neural, make_scorer=make_scorer,
+                            first_order=first_order)
+        info["model_s"] += sum(sc.seconds for sc in scorers)
+        info["passes"] = (info["passes"] + sum(sc.passes for sc in scorers)) if setting.uses_model else 0
         return prune(c), info
+
+    def recall(self, holdout: str, retriever: tuple[str, str], ms: tuple[int, ...]) -> list[dict]:
+        """Whether the exact-ce best usable adapter is among the m candidates of a retriever ((sketch, metric)
+        as a rerank setting names it), for each m: what a rerank can at best find."""
+        n, usable = len(self.bank.names), self.usable(holdout)
+        ce, _ = self.ce()
+        best = min(usable, key=lambda j: (ce[self.bank.names[j]], j))
+        sketch, metric = retriever
+        masked = np.full(n, np.inf)
+        d = g = None
+        distance = Setting(sketch, metric).distance
+        if distance:
+            d = masked.copy()
+            d[usable] = self.m.D[(sketch, distance)][self.i, usable]
+        if metric.startswith("grad"):
+            grad, _, _ = self.first_order()
+            g = masked.copy()
+            g[usable] = [grad[self.bank.names[j]] for j in usable]
+        name = metric if metric == "grad" else f"{sketch}/{metric}"
+        return [{"entry": self.name, "family": self.bank.entry(self.name).family, "holdout": holdout,
+                 "retriever": name, "m": m, "found": int(best in retrieve(metric, d, g, m).tolist())} for m in ms]
 
     def random_k(self, usable: list[int], k: int | None) -> np.ndarray:
         """k random usable entries, uniform weights, seeded by (seed, entry, k); all of them when k is None."""
@@ -423,21 +475,43 @@ class SlicedScorer:
     measured seconds per ce candidate times the candidates, plus the fit's measured time."""
 
     def __init__(self, plan: EntryPlan, names: list[str]):
-        self.plan, self.names, self.seconds = plan, names, 0.0
+        self.plan, self.names, self.seconds, self.passes = plan, names, 0.0, 0
 
     def ce_row(self) -> np.ndarray:
         ce, per_candidate = self.plan.ce()
         self.seconds += per_candidate * len(self.names)
+        self.passes += len(self.names) + 1  # and the base model's
         return np.array([ce[n] for n in self.names])
 
     def fit(self, init: np.ndarray, **kw) -> np.ndarray:
         t0 = time.perf_counter()
-        w = with_scorer(self.plan.bank, self.names, self.plan.dataset, lambda scorer: scorer.fit(init, **kw))
+
+        def search(scorer):
+            w = scorer.fit(init, **kw)
+            self.passes += scorer.evaluations
+            return w
+
+        w = with_scorer(self.plan.bank, self.names, self.plan.dataset, search)
         self.seconds += time.perf_counter() - t0
         return w
 
     def close(self) -> None:
         """Nothing to release: `with_scorer` removes its hooks."""
+
+
+def with_first_order(bank: Bank, names: list[str], dataset, timing: dict) -> np.ndarray:
+    """First-order scores of these adapters on the first CE_EXAMPLES train examples, on the worker's base model
+    with cached bank factors; `timing` gets the backward pass's wall and CPU seconds."""
+    from .ce import FirstOrderScorer
+    from .models import load_tokenizer
+
+    readers = _readers(bank)
+    with scoring_model(bank.manifest.base_model) as model:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        scorer = FirstOrderScorer(model, load_tokenizer(bank.manifest.base_model), readers[names[0]].modules,
+                                  dataset.split("train")[:CE_EXAMPLES])
+        timing.update(backward_s=time.perf_counter() - t0, backward_cpu_s=time.process_time() - cpu0)
+        return scorer.scores([readers[n] for n in names])
 
 
 def with_scorer(bank: Bank, names: list[str], dataset, use):
@@ -492,6 +566,23 @@ class RecordStore:
     def count(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
 
+    def restore(self, csv_path: Path) -> int:
+        """Records from a committed scores.csv, when the records themselves are gone (they are scratch; the CSV
+        is what is committed): a study grows over sessions. Restored records carry no answers and no
+        coefficients (`restored`: true); a new record of the same adapter reuses their scores."""
+        import csv
+
+        ints, floats = ("rank", "top_k", "n", "max_new_tokens", "passes"), (
+            "temperature", "rouge_l", "rouge_lsum", "exact_match", "seconds_generate", "seconds_adapter", "cost_s")
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        for row in rows:
+            rec = {k: (None if v == "" else int(v) if k in ints else float(v) if k in floats else v)
+                   for k, v in row.items()}
+            rec.update(reused=row.get("reused") == "True", coefficients={}, answers=None, restored=True)
+            self.write(rec)
+        return len(rows)
+
 
 # --------------------------------------------------------------------------- #
 # One entry, in whatever process runs it
@@ -532,7 +623,7 @@ class _CachedReader:
     """An AdapterReader whose factors stay in memory: the bench combines the same bank thousands of times."""
 
     def __init__(self, reader):
-        self.spec, self.modules, self._reader, self._factors = reader.spec, reader.modules, reader, {}
+        self.spec, self.modules, self.path, self._reader, self._factors = reader.spec, reader.modules, reader.path, reader, {}
 
     def factors(self, module: str):
         if module not in self._factors:
@@ -784,6 +875,7 @@ class EntryEvaluator:
             "temperature": info.get("temperature"), "top_k": info.get("top_k"), "eval_key": key,
             "max_new_tokens": self.budget, **{k: ev[k] for k in ("rouge_l", "rouge_lsum", "exact_match", "n", "answers")},
             **cost, "cost_s": None if c is None else round(info.get("model_s", 0.0) + ev["seconds_adapter"], 3),
+            "passes": None if c is None else info.get("passes", 0),
             "coefficients": {} if c is None else {n: float(w) for n, w in zip(self.bank.names, c) if w > 0},
             "excluded": info.get("excluded", []), "neural_trained_on": info.get("neural_trained_on"),
         }
@@ -893,20 +985,23 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
     results = Path(cfg.results)
     pin_config(results, bank, cfg, n, backend)
     store = RecordStore(results)
+    if not store.count() and (results / "scores.csv").exists():
+        reporter.status(f"restored {store.restore(results / 'scores.csv')} records from {results / 'scores.csv'}")
     slots = slots_for(specs, holdouts)
     missing = store.missing(entries, slots)
     todo = [e for e in entries if missing[e]]
     reporter.start(sum(missing.values()))
     before, finished = store.count(), False
     try:
+        matrices = compute_matrices(bank, specs, results / "matrices", cfg.seed, reporter.status)
         if todo:
-            matrices = compute_matrices(bank, specs, results / "matrices", cfg.seed, reporter.status)
             jobs = [EntryJob(str(bank.root), e, [s.label for s in specs], holdouts, str(results), matrices, n,
                              cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.neural_hidden, cfg.neural_epochs,
                              backend, cfg.threads or threads_per_job(cfg.jobs))
                     for e in todo]
             reporter.status(f"records ({len(todo)} entries to run)")
             execute(jobs, cfg, store, reporter.advance)
+        write_recall(bank, specs, holdouts, matrices, results)
         finished = True
     finally:  # an interrupted run is logged too: its wall time counts in the report
         seconds = time.perf_counter() - t0
@@ -1015,7 +1110,7 @@ def _execute_ray(jobs: list[EntryJob], cfg: BenchConfig, threads: int, store: Re
 
 CSV_COLUMNS = ("entry", "family", "holdout", "label", "setting", "control", "sketch", "metric", "combine", "rank",
                "temperature", "top_k", "rouge_l", "rouge_lsum", "exact_match", "n", "max_new_tokens",
-               "seconds_generate", "seconds_adapter", "reused", "cost_s", "eval_key")
+               "seconds_generate", "seconds_adapter", "reused", "cost_s", "passes", "eval_key")
 
 
 def export(store: RecordStore, results: Path) -> Path:
@@ -1038,6 +1133,44 @@ def export(store: RecordStore, results: Path) -> Path:
     for r in records:
         coefs.setdefault(r["holdout"], {}).setdefault(r["label"], {})[r["entry"]] = r["coefficients"]
     write_json(results / "coefficients.json", coefs)
+    return path
+
+
+RECALL_M = (1, 2, 4, 6, 8, 10, 12, 16)
+
+
+def write_recall(bank: Bank, specs: list[Spec], holdouts: tuple[str, ...], matrices: Matrices, results: Path) -> Path | None:
+    """RESULTS/recall.csv: for every entry with cached ce (and grad) rows, every rerank retriever of the
+    settings and holdout, whether its top m holds the exact-ce best adapter (m in RECALL_M)."""
+    import csv
+    import io
+
+    from .atomic import atomic_file
+    from .dataset import load_dataset
+
+    retrievers = list(dict.fromkeys((s.setting.sketch, s.setting.metric) for s in specs if s.setting.rerank))
+
+    def cached(kind: str) -> set[str]:  # ENTRY.k16.SHA.json (ce), ENTRY.grad.k16.SHA.json
+        files = (results / "ce").glob(f"*.k{CE_EXAMPLES}.{bank.sha256[:16]}.json")
+        return {p.name.split(".")[0] for p in files if p.name.split(".")[1] == kind}
+
+    done = cached(f"k{CE_EXAMPLES}")
+    if any(m.startswith("grad") for _, m in retrievers):
+        done &= cached("grad")
+    entries = [e for e in bank.names if e in done]
+    if not retrievers or not entries:
+        return None
+    rows = []
+    for e in entries:
+        plan = EntryPlan(bank, e, load_dataset(bank.dataset_path(bank.entry(e)), name=e), matrices, results / "ce")
+        rows += [r for h in holdouts for ret in retrievers for r in plan.recall(h, ret, RECALL_M)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = results / "recall.csv"
+    with atomic_file(path, "w") as fh:
+        fh.write(buf.getvalue())
     return path
 
 

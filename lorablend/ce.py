@@ -25,12 +25,93 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .adapter import AdapterReader
+from .adapter import AdapterReader, check_shapes
 from .dataset import Example
 from .errors import InputError
 from .prompts import PromptFormat, common_prefix, pad_pairs, training_pair
 
 CE_EXAMPLES = 16
+FIRST_ORDER_PASSES = 3  # forward-pass equivalents of one forward + backward pass (a backward costs ~2 forwards)
+FIRST_ORDER_TOKENS = 256  # padded tokens per backward slice: bounds the activations it keeps (7B shapes: docs/PERFORMANCE.md)
+
+
+@dataclass
+class Batch:
+    """k labelled examples as padded suffixes after their shared prefix (chat header and task instruction,
+    ~60 % of NI tokens), which runs once per pass; it ends inside every prompt, so all targets are
+    predicted from the suffixes."""
+
+    prefix: "torch.Tensor | None"  # (1, P) or None
+    ids: "torch.Tensor"  # (k, S)
+    labels: "torch.Tensor"  # (k, S), -100 off targets
+    mask: "torch.Tensor"  # (k, S)
+
+    def slices(self, tokens: int):
+        """The batch cut into runs of examples of at most `tokens` padded tokens (at least one example each),
+        each trimmed to its own longest example: one backward pass each."""
+        lengths = self.mask.sum(dim=1).tolist()
+        start = 0
+        while start < len(lengths):
+            end = start + 1
+            while end < len(lengths) and (end + 1 - start) * max(lengths[start:end + 1]) <= tokens:
+                end += 1
+            width = max(lengths[start:end])
+            yield Batch(self.prefix, self.ids[start:end, :width], self.labels[start:end, :width],
+                        self.mask[start:end, :width])
+            start = end
+
+    @property
+    def targets(self) -> int:
+        return int((self.labels[:, 1:] != -100).sum())
+
+    def loss(self, model, bf16: bool = True, prefix_kv=None):
+        """Mean per-token target cross-entropy (a tensor, differentiable outside inference mode). `prefix_kv`:
+        the prefix's keys and values per layer, computed once by the caller, else the prefix runs here."""
+        import torch
+
+        from .models import target_loss
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            mask, cache = self.mask, None
+            if self.prefix is not None:
+                cache = _repeated(self.prefix_kv(model) if prefix_kv is None else prefix_kv, len(self.ids))
+                mask = torch.cat([torch.ones(len(mask), self.prefix.shape[1], dtype=mask.dtype), mask], dim=1)
+            return target_loss(model, self.ids, mask, self.labels, past_key_values=cache)
+
+    def prefix_kv(self, model) -> list[tuple]:
+        """The shared prefix's (keys, values) per layer, for a batch of one (call under the loss's autocast)."""
+        cache = model.base_model(input_ids=self.prefix, use_cache=True).past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _repeated(kv: list[tuple], n: int):
+    """A KV cache holding `kv` once per example (differentiable: gradients flow back into `kv`)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0), i)
+    return cache
+
+
+def encode(tokenizer, examples: list[Example], fmt: PromptFormat = PromptFormat(), share_prefix: bool = True) -> Batch:
+    import torch
+
+    if not examples:
+        raise InputError("the model-based steps (ce, grad, rerank, fit) need labelled train examples; the dataset has none")
+    pairs = [training_pair(tokenizer, e, fmt) for e in examples]
+    shared = 0
+    if share_prefix:
+        shared = max(0, min([common_prefix(pairs[0][0], ids) for ids, _ in pairs]
+                            + [_prompt_len(lab) - 1 for _, lab in pairs]))
+    prefix = torch.tensor([pairs[0][0][:shared]]) if shared else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Batch(prefix, *pad_pairs([(ids[shared:], lab[shared:]) for ids, lab in pairs], pad))
+
+
+def _prompt_len(labels: list[int]) -> int:
+    """Tokens before the first target token."""
+    return next((i for i, t in enumerate(labels) if t != -100), len(labels))
 
 
 @dataclass
@@ -50,29 +131,19 @@ class MixtureScorer:
                  fmt: PromptFormat = PromptFormat(), bf16: bool = True, share_prefix: bool = True):
         import torch
 
-        if not examples:
-            raise InputError("the ce distance and the fit operator need labelled train examples; the dataset has none")
         self.model, self.bf16 = model, bf16
         self.weights = torch.zeros(len(readers))
         self.evaluations = 0
-        self._stacks = {m: self._stack(readers, m) for m in readers[0].modules}
+        self._batch = encode(tokenizer, examples, fmt, share_prefix)
+        self._stacks = {m: self._stack(readers, m, model.get_submodule(m).weight) for m in readers[0].modules}
         self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in self._stacks]
-        pairs = [training_pair(tokenizer, e, fmt) for e in examples]
-        # The chat header and task instruction every example starts with (~60% of NI tokens) run once per
-        # pass; it ends inside every prompt, so all targets are predicted from the suffixes.
-        shared = 0
-        if share_prefix:
-            shared = max(0, min([common_prefix(pairs[0][0], ids) for ids, _ in pairs]
-                                + [_prompt_len(lab) - 1 for _, lab in pairs]))
-        self._prefix = torch.tensor([pairs[0][0][:shared]]) if shared else None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._ids, self._labels, self._mask = pad_pairs([(ids[shared:], lab[shared:]) for ids, lab in pairs], pad)
 
     @staticmethod
-    def _stack(readers: list[AdapterReader], module: str) -> _Stack:
+    def _stack(readers: list[AdapterReader], module: str, weight) -> _Stack:
         import torch
 
         fs = [r.factors(module) for r in readers]
+        check_shapes(module, [str(r.path.parent) for r in readers], fs, tuple(weight.shape))
         return _Stack(
             A=torch.from_numpy(np.concatenate([f.A for f in fs])),
             B=torch.from_numpy(np.concatenate([f.B for f in fs], axis=1)),
@@ -99,17 +170,10 @@ class MixtureScorer:
         """Mean per-token cross-entropy of the targets (logits only at target positions)."""
         import torch
 
-        from .models import target_loss
-
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         self.evaluations += 1
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            mask, cache = self._mask, None
-            if self._prefix is not None:
-                cache = self.model.base_model(input_ids=self._prefix, use_cache=True).past_key_values
-                cache.batch_repeat_interleave(len(self._ids))
-                mask = torch.cat([torch.ones(len(mask), self._prefix.shape[1], dtype=mask.dtype), mask], dim=1)
-            return float(target_loss(self.model, self._ids, mask, self._labels, past_key_values=cache))
+        with torch.inference_mode():
+            return float(self._batch.loss(self.model, self.bf16))
 
     def ce_row(self) -> np.ndarray:
         """CE with each candidate alone, minus the base model's CE (lower = fits better)."""
@@ -151,6 +215,71 @@ class MixtureScorer:
         return weights(res.x)  # Nelder–Mead returns the best point it evaluated, z0 included
 
 
-def _prompt_len(labels: list[int]) -> int:
-    """Tokens before the first target token."""
-    return next((i for i, t in enumerate(labels) if t != -100), len(labels))
+class FirstOrderScorer:
+    """Every adapter's first-order change of the examples' loss, from one backward pass at the base model.
+
+    Adapter i adds s_i·B_i·A_i to W, so Δce_i ≈ s_i·⟨∂L/∂W, B_i A_i⟩ summed over the adapted modules:
+    after the pass, an adapter costs r·d·k multiply-adds per module, whatever the model's depth in
+    tokens. The gradient only ranks candidates (its values overstate gains and miss the sign of
+    adapters that hurt); no weight is ever changed. Only the adapted weights get a gradient, kept in
+    their own dtype (bf16 at 7B: 1.6 GB for q/k/v), and the examples run in slices of at most `tokens`
+    padded tokens, so the activations kept for the backward pass stay bounded whatever k is.
+    """
+
+    def __init__(self, model, tokenizer, modules: list[str], examples: list[Example],
+                 fmt: PromptFormat = PromptFormat(), bf16: bool = True, share_prefix: bool = True,
+                 tokens: int = FIRST_ORDER_TOKENS):
+        import torch
+
+        full = encode(tokenizer, examples, fmt, share_prefix)
+        weights = {m: model.get_submodule(m).weight for m in modules}
+        flags = {p: p.requires_grad for p in model.parameters()}
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            for w in weights.values():
+                w.requires_grad_(True)
+                w.grad = None
+            # The prefix runs once: each slice's backward stops at detached copies of its keys and values and
+            # leaves their gradients there; one backward pass through the prefix then takes them all.
+            kv = leaves = None
+            if full.prefix is not None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    kv = full.prefix_kv(model)
+                leaves = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
+            for part in full.slices(tokens):
+                (part.loss(model, bf16, leaves) * (part.targets / full.targets)).backward()
+            if kv is not None:  # (keys of a layer whose k_proj is not adapted depend on no adapted weight)
+                ends = [(t, leaf.grad) for pair, copies in zip(kv, leaves) for t, leaf in zip(pair, copies)
+                        if t.requires_grad and leaf.grad is not None]
+                if ends:
+                    torch.autograd.backward([t for t, _ in ends], [g for _, g in ends])
+            self.gradients = {m: w.grad for m, w in weights.items()}
+        finally:
+            for w in weights.values():
+                w.grad = None
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+
+    def scores(self, readers: list[AdapterReader], chunk: int = 64) -> np.ndarray:
+        """Δce estimates of these adapters (lower = better), streamed a module at a time. Each module's factors
+        are stacked `chunk` adapters at a time into one matrix product G·Aᵀ in the gradient's dtype (bf16 at 7B,
+        where it runs on the CPU's bf16 units like the forward pass; float32 otherwise), summed in float32."""
+        import torch
+
+        out = torch.zeros(len(readers), dtype=torch.float64)
+        for module, G in self.gradients.items():
+            for start in range(0, len(readers), chunk):
+                part = readers[start:start + chunk]
+                fs = [r.factors(module) for r in part]
+                check_shapes(module, [str(r.path.parent) for r in part], fs, tuple(G.shape))
+                A = torch.from_numpy(np.concatenate([f.A for f in fs])).to(G.dtype)  # (R, k)
+                B = torch.from_numpy(np.concatenate([f.B for f in fs], axis=1))  # (d, R)
+                per_rank = ((G @ A.T).float() * B).sum(dim=0)  # ⟨G, b_j a_jᵀ⟩ for every rank j
+                owner = torch.tensor([i for i, f in enumerate(fs) for _ in range(f.rank)])
+                scale = torch.tensor([f.scale for f in fs], dtype=torch.float64)
+                out[start:start + len(part)] += torch.zeros(len(part), dtype=torch.float64).index_add_(
+                    0, owner, per_rank.double()) * scale
+                for r in part:
+                    r.release(module)
+        return out.numpy()

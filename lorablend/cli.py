@@ -386,6 +386,37 @@ def _bench_table(csv_path: Path):
     return table
 
 
+def _verdict_table(v):
+    from rich.table import Table
+
+    from .validate import NO_ADAPTER
+
+    table = Table(title=f"validation: {v.n} held-out examples ({v.examples['split']} split), greedy, {v.backend}")
+    for col in ("candidate", "setting", "Rouge-L", "seconds", ""):
+        table.add_column(col, justify="right" if col in ("Rouge-L", "seconds") else "left")
+    for name, score in v.scores.items():
+        mark = "chosen" if name == v.chosen else ("written" if name == v.written else "")
+        table.add_row(name, v.settings[name] or ("base model" if name == NO_ADAPTER else ""), f"{score:.3f}",
+                      f"{v.seconds.get(name, 0.0):.1f}", mark)
+    return table
+
+
+def verdict_lines(v) -> list[str]:
+    """What the verdict means, in words; bold when the adapter does not help."""
+    mean, lo, hi = v.gain
+    said = [f"gain of the written adapter ({v.written}) over the base model: {mean:+.3f} Rouge-L, 95% interval "
+            f"[{lo:+.3f}, {hi:+.3f}] (paired bootstrap over the {v.n} examples)"]
+    if not v.helps:
+        said.append(f"[bold]on your held-out examples no adapter beat the base model ({v.base:.3f}); the best one is "
+                    "written anyway: you may be better off with the base model[/bold]")
+    elif lo <= 0:
+        said.append("[bold]the interval includes no gain: the adapter may not help on your data[/bold]")
+    if v.uncertain:
+        said.append("[bold]few examples in all: this verdict is uncertain (see the interval); more labelled "
+                    "examples give a firmer one[/bold]")
+    return said
+
+
 def _top_table(coefs: dict[str, float], n: int, title: str):
     from rich.table import Table
 
@@ -405,11 +436,15 @@ def generate_cmd(
     out_dir: Path = typer.Option(..., "--out", help="Adapter directory to write (PEFT format)."),
     setting_text: Optional[str] = typer.Option(None, "--setting", help="A whole setting as the bench writes it, e.g. "
                                                "target-tokens/js/normalized/svd/T1/top1/rerank16 or "
-                                               "embeddings/js/normalized/svd/auto (instead of the options below)."),
+                                               "embeddings/js/normalized/svd/auto (instead of the options below); "
+                                               "'paper' for the paper's own (tokens/js/normalized/svd/T1). "
+                                               "[default: the bench's best at its cost, see README 'Which setting']"),
     sketch: Optional[str] = typer.Option(None, help="Dataset representation: tokens | embeddings | target-tokens | "
                                          "target-embeddings. [default: tokens]"),
-    metric: Optional[str] = typer.Option(None, help="Distance: wd | kl | js | mmd, or ce (the model's loss with each "
-                                         "adapter). [default: js]"),
+    metric: Optional[str] = typer.Option(None, help="Distance: wd | kl | js | mmd; ce (the model's loss with each "
+                                         "adapter); grad (its first-order change, one backward pass for the whole "
+                                         "bank); grad+js etc. (grad's top M/2 and js's top M/2, for --rerank M). "
+                                         "[default: js]"),
     operator: Optional[str] = typer.Option(None, help="Meta-operator: attentional | normalized | neural | fit. "
                                            "[default: normalized]"),
     combine: Optional[str] = typer.Option(None, help="Combination: svd (exact, truncated) | cat (exact) | paper "
@@ -420,7 +455,7 @@ def generate_cmd(
                               "rebuild each bank adapter from the others (cached per bank; attentional/normalized)."),
     rank: Optional[int] = typer.Option(None, help="Rank of the svd output (default: the bank's rank)."),
     rerank: Optional[int] = typer.Option(None, help="Keep M entries by --metric, then rank them by ce on labelled examples."),
-    ce_examples: int = typer.Option(16, help="Labelled train examples scored by ce / rerank / fit."),
+    ce_examples: int = typer.Option(16, help="Labelled train examples scored by ce / grad / rerank / fit."),
     fit_budget: int = typer.Option(40, help="Forward passes allowed to the fit operator's search."),
     exclude: List[str] = typer.Option([], help="Bank entries to leave out (repeatable)."),
     exclude_family: bool = typer.Option(False, help="Also leave out every entry of the excluded entries' families."),
@@ -431,21 +466,33 @@ def generate_cmd(
     gguf: bool = typer.Option(False, "--gguf", help="Also write adapter.gguf (llama.cpp LoRA) beside the PEFT files."),
     gguf_merged: bool = typer.Option(False, "--gguf-merged", help="Also write model.gguf, the base with the adapter "
                                      "merged in (bf16; Ollama FROM, LM Studio), beside the PEFT files."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Keep up to 32 labelled examples apart (the "
+                                  "valid split, else a seeded slice of train), score the setting's pick, the nearest "
+                                  "adapter, the uniform average and no adapter on them, write the best and show the "
+                                  "verdict. Adds a few greedy generations per candidate."),
+    require_gain: bool = typer.Option(False, "--require-gain", help="Write nothing (exit 3) when no adapter beats the "
+                                      "base model on the validation examples."),
+    backend: str = typer.Option("auto", help="Validation's generation backend: torch | llamacpp | auto."),
 ):
-    """Turn a dataset into a LoRA adapter by combining bank adapters (no gradient step).
+    """Turn a dataset into a LoRA adapter by combining bank adapters (no weight is trained).
 
-    The options default to the paper's setting (tokens/js/normalized/svd/T1). The bench's best at its cost is
-    --setting target-tokens/js/normalized/svd/T1/top1/rerank16 (README, "Which setting")."""
+    With no --setting and no setting options it runs the bench's best setting at its cost (README, "Which setting");
+    --setting paper runs the paper's. Then, unless --no-validate, the user's held-out examples choose what is written."""
     from dataclasses import replace
 
     from .bank import Bank
     from .dataset import load_dataset
-    from .generate import Setting, generate
+    from .generate import DEFAULT_SETTING, PAPER_SETTING, Setting, generate
 
     if auto and (temperature is not None or top_k is not None):
         raise InputError("--auto chooses --temperature and --top-k on the bank; drop them or drop --auto")
     given = {"sketch": sketch, "metric": metric, "operator": operator, "combine": combine, "temperature": temperature,
              "top_k": top_k, "rank": rank, "rerank": rerank}
+    if setting_text == "paper":
+        setting_text = PAPER_SETTING.label
+    defaulted = setting_text is None and all(v is None for v in given.values()) and not auto
+    if defaulted:
+        setting_text = DEFAULT_SETTING.label
     if setting_text is not None:
         from .bench import parse_setting
 
@@ -460,10 +507,12 @@ def generate_cmd(
                           fit_budget=fit_budget)
     setting.check()
     b = Bank.open(bank)
+    if defaulted and setting.rerank:  # the default's candidate count fits a bank smaller than the default one
+        setting = replace(setting, rerank=max(1, min(setting.rerank, len(b.entries) - 1)))
     ds = load_dataset(dataset, seed=seed)
-    with console.status(f"generating an adapter from {len(b.entries)} bank entries"):
+    with console.status(f"generating an adapter from {len(b.entries)} bank entries ({setting.label})"):
         result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,
-                          verify=verify, auto=auto)
+                          verify=verify, auto=auto, validate=validate, backend=backend, require_gain=require_gain)
     prov = result.provenance
     if prov.calibration:
         out.print(f"calibrated on the bank: temperature {prov.temperature:g}, top-k {prov.top_k or 'all'} "
@@ -472,6 +521,10 @@ def generate_cmd(
     out.print(_top_table(prov.coefficients, show, f"strongest coefficients ({setting.label})"))
     if prov.excluded:
         out.print(f"excluded: {', '.join(prov.excluded)}")
+    if result.verdict is not None:
+        out.print(_verdict_table(result.verdict))
+        for line in verdict_lines(result.verdict):
+            out.print(line)
     steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in prov.timings.items())
     out.print(f"adapter written to {result.out} (rank {prov.rank}) in {result.seconds:.1f}s ({steps})")
     if gguf:
@@ -625,6 +678,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars follow it
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if "transformers" in sys.modules:  # imported before the variables above were set (e.g. in-process callers)
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def main() -> None:

@@ -20,6 +20,12 @@ class InputError(LorablendError):
     exit_code = 2
 
 
+class NoGain(LorablendError):
+    """`--require-gain`: validation found no adapter better than the base model, so nothing was written."""
+
+    exit_code = 3
+
+
 def suggest(value: str, choices: list[str] | tuple[str, ...], what: str) -> InputError:
     """An InputError for an unknown name that lists the valid ones."""
     import difflib

@@ -10,27 +10,27 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .adapter import AdapterReader, write_adapter
+from .adapter import AdapterReader, check_shapes, write_adapter
 from .atomic import atomic_dir, write_json
 from .bank import Bank, check_output
 from .coefficients import OPERATORS, NeuralOperator, check_count, coefficients, keep_top_k
 from .combine import METHODS, Factors, combine
-from .dataset import Dataset, load_dataset
+from .dataset import Dataset
 from .distances import METRICS, measure
-from .errors import InputError, LorablendError, suggest
-from .ce import CE_EXAMPLES, MixtureScorer
+from .errors import InputError, LorablendError, NoGain, suggest
+from .ce import CE_EXAMPLES, FirstOrderScorer, MixtureScorer
 from .sketch import SKETCHES, BankSketches, Sketcher, index_dir, load_sketches
+from .validate import FEW_EXAMPLES, Verdict, total_examples
 
 PROVENANCE = "lorablend.json"
-ALL_METRICS = METRICS + ("ce",)
+UNIONS = tuple(f"grad+{m}" for m in METRICS)  # retrievers: first-order top m/2 ∪ the distance's top m/2
+ALL_METRICS = METRICS + ("ce", "grad") + UNIONS
 ALL_OPERATORS = OPERATORS + ("fit",)
 FIT_CANDIDATES = 16
 
@@ -62,14 +62,28 @@ class Setting:
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.rerank and self.metric == "ce":
-            raise InputError("--rerank needs a distributional --metric (wd, kl, js, mmd) to retrieve candidates with")
-        if self.operator == "neural" and (self.metric == "ce" or self.rerank):
-            raise InputError("the neural operator is fitted on a distributional metric; drop --rerank / --metric ce")
+            raise InputError("--rerank needs a retriever --metric (wd, kl, js, mmd, grad or grad+js ...) to retrieve "
+                             "candidates with")
+        if self.metric in UNIONS and not self.rerank:
+            raise InputError(f"--metric {self.metric} retrieves candidates for --rerank; give --rerank M (e.g. 8)")
+        if self.operator == "neural" and (self.distance != self.metric or self.rerank):
+            raise InputError("the neural operator is fitted on a distributional metric; drop --rerank / --metric "
+                             f"{self.metric}")
+
+    @property
+    def distance(self) -> str | None:
+        """The distributional metric the setting measures (js for grad+js), None for ce and grad."""
+        return self.metric.removeprefix("grad+") if self.metric not in ("ce", "grad") else None
+
+    @property
+    def first_order(self) -> bool:
+        """Whether the setting ranks the bank by the first-order change of the examples' loss (grad, grad+…)."""
+        return self.metric == "grad" or self.metric in UNIONS
 
     @property
     def uses_model(self) -> bool:
-        """Whether the base model must score candidates on labelled examples (ce, rerank, fit)."""
-        return self.metric == "ce" or bool(self.rerank) or self.operator == "fit"
+        """Whether the base model must score candidates on labelled examples (ce, grad, rerank, fit)."""
+        return self.metric == "ce" or self.first_order or bool(self.rerank) or self.operator == "fit"
 
     @property
     def label(self) -> str:
@@ -77,6 +91,11 @@ class Setting:
         extra = [f"top{self.top_k}"] if self.top_k else []
         extra += [f"rerank{self.rerank}"] if self.rerank else []
         return "/".join(parts + extra)
+
+
+PAPER_SETTING = Setting()  # the paper's input-token JS softmin, with lorablend's exact combination
+# The bench's best at its cost on labelled examples (docs/RESULTS-labelled.md, README "Which setting").
+DEFAULT_SETTING = Setting(sketch="target-tokens", metric="js", top_k=1, rerank=16)
 
 
 @dataclass
@@ -103,6 +122,7 @@ class Provenance:
     fit_budget: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     calibration: dict | None = None  # --auto: the (T, top-k) chosen on the bank and their reconstruction loss
+    validation: dict | None = None  # the candidates' scores on held-out examples and the one written (validate.py)
 
 
 # --------------------------------------------------------------------------- #
@@ -153,26 +173,37 @@ def meta_path(bank: Bank, sketch: str, metric: str) -> Path:
 
 def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[str],
                     dataset: Dataset | None = None, neural: NeuralOperator | None = None,
-                    make_scorer=None) -> np.ndarray:
-    """Distances → coefficients, with the model-based steps (ce, rerank, fit) when the setting asks.
+                    make_scorer=None, first_order=None) -> np.ndarray:
+    """Distances → coefficients, with the model-based steps (ce, grad, rerank, fit) when the setting asks.
 
-    `neural` replaces the operator stored in the index, and `make_scorer(names)` the MixtureScorer
-    over those candidates: `lorablend bench` fits one operator per held-out entry (never scored on an
-    entry it was trained on) and slices ce values it computed once per entry."""
+    `neural` replaces the operator stored in the index, `make_scorer(names)` the MixtureScorer over
+    those candidates and `first_order(names)` their first-order scores: `lorablend bench` fits one
+    operator per held-out entry (never scored on an entry it was trained on) and slices ce and grad
+    values it computed once per entry."""
     d = np.where(np.isin(bank.names, excluded), np.inf, np.asarray(d, dtype=np.float64))
     if not setting.uses_model:
         if setting.operator == "neural" and neural is None:
             neural = NeuralOperator.load(meta_path(bank, setting.sketch, setting.metric))
         return coefficients(d, setting.operator, setting.temperature, setting.top_k, neural)
-    if make_scorer is None:
+    if make_scorer is None or first_order is None:
         if dataset is None:
-            raise InputError("metric ce, --rerank and operator fit need the dataset's labelled examples")
-        make_scorer = partial(mixture_scorer, bank, dataset=dataset, k=setting.ce_examples)
+            raise InputError("metrics ce and grad, --rerank and operator fit need the dataset's labelled examples")
+        model = _shared_model(bank)
+        # (the adapters are opened before the model loads: a damaged one is reported without that wait)
+        make_scorer = make_scorer or (lambda names: mixture_scorer(bank, names, dataset, setting.ce_examples,
+                                                                   readers=open_readers(bank, names), model=model()))
+        first_order = first_order or (lambda names: first_order_row(bank, names, dataset, setting.ce_examples,
+                                                                    readers=open_readers(bank, names), model=model()))
+    usable, g = np.flatnonzero(np.isfinite(d)), None
+    if setting.first_order:
+        g = np.full_like(d, np.inf)
+        g[usable] = first_order([bank.names[i] for i in usable])
+    if setting.metric == "grad" and not setting.rerank:
+        return coefficients(g, setting.operator, setting.temperature, setting.top_k)
     if setting.metric == "ce":
-        candidates = np.flatnonzero(np.isfinite(d))
+        candidates = usable
     else:
-        m = setting.rerank or setting.top_k or FIT_CANDIDATES
-        candidates = np.flatnonzero(np.isfinite(keep_top_k(d, min(m, int(np.isfinite(d).sum())))))
+        candidates = retrieve(setting.metric, d, g, setting.rerank or setting.top_k or FIT_CANDIDATES)
     scorer = make_scorer([bank.names[i] for i in candidates])
     try:
         if setting.metric == "ce" or setting.rerank:
@@ -188,14 +219,32 @@ def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[
         scorer.close()
 
 
+def retrieve(metric: str, d: np.ndarray, g: np.ndarray | None, m: int) -> np.ndarray:
+    """The indices of the (at most) m candidates a retriever keeps: the m nearest by the distance `d`, the m
+    lowest first-order scores `g` (metric grad), or the union of both halves (grad+…); inf = excluded."""
+    row = g if metric == "grad" else retrieve_union(g, d, m) if metric in UNIONS else d
+    return np.flatnonzero(np.isfinite(keep_top_k(row, min(m, int(np.isfinite(row).sum())))))
+
+
+def retrieve_union(g: np.ndarray, d: np.ndarray, m: int) -> np.ndarray:
+    """The first-order top ⌈m/2⌉ ∪ the distance's top ⌊m/2⌋ (at most m candidates: fewer when they
+    agree), as a row whose finite entries are the candidates: the two retrievers miss different ones."""
+    out = np.full_like(d, np.inf)
+    for row, k in ((g, (m + 1) // 2), (d, m // 2)):
+        if k:
+            top = np.isfinite(keep_top_k(row, min(k, int(np.isfinite(row).sum()))))
+            out[top] = 0.0
+    return out
+
+
 def check_auto(setting: Setting) -> None:
     """`--auto` picks T and top-k for a softmin over the bank's own distances: other operators and ce have none."""
     if setting.operator not in ("attentional", "normalized"):
         raise InputError(f"--auto calibrates temperature and top-k for the attentional or normalized operator, not "
                          f"'{setting.operator}'; drop --auto or choose one of those")
-    if setting.metric == "ce":
-        raise InputError("--auto calibrates on the distances between the bank's datasets, which metric ce does not "
-                         "have; give --temperature and --top-k instead, or use --rerank with a distributional metric")
+    if setting.distance is None:
+        raise InputError(f"--auto calibrates on the distances between the bank's datasets, which metric {setting.metric} "
+                         "does not have; give --temperature and --top-k instead, or use --rerank with a distributional metric")
 
 
 def calibrated(bank: Bank, setting: Setting, excluded: list[str], exclude_family: bool = False):
@@ -204,7 +253,7 @@ def calibrated(bank: Bank, setting: Setting, excluded: list[str], exclude_family
     from .calibrate import calibrate
     from .metafit import bank_matrices, space_for
 
-    D, G = bank_matrices(bank, setting.sketch, setting.metric, space_for(setting.combine))
+    D, G = bank_matrices(bank, setting.sketch, setting.distance, space_for(setting.combine))
     out = set(excluded)
     usable = [i for i, n in enumerate(bank.names) if n not in out]
     families = [e.family for e in bank.entries] if exclude_family else None
@@ -222,6 +271,28 @@ def mixture_scorer(bank: Bank, names: list[str], dataset: Dataset, k: int, *, mo
     readers = open_readers(bank, names) if readers is None else readers
     model = load_model(bank.manifest.base_model) if model is None else model
     return MixtureScorer(model, load_tokenizer(bank.manifest.base_model), [readers[n] for n in names], examples)
+
+
+def first_order_row(bank: Bank, names: list[str], dataset: Dataset, k: int, *, model=None,
+                    readers: dict | None = None) -> np.ndarray:
+    """First-order Δce of these adapters on the first k train examples: one backward pass, then the bank
+    streamed a module at a time."""
+    from .models import load_model, load_tokenizer
+
+    readers = open_readers(bank, names) if readers is None else readers
+    model = load_model(bank.manifest.base_model) if model is None else model
+    scorer = FirstOrderScorer(model, load_tokenizer(bank.manifest.base_model), readers[names[0]].modules,
+                              dataset.split("train")[:k])
+    return scorer.scores([readers[n] for n in names])
+
+
+def _shared_model(bank: Bank):
+    """The base model, loaded on first use and then shared (grad and the rerank after it need one copy)."""
+    from functools import cache
+
+    from .models import load_model
+
+    return cache(lambda: load_model(bank.manifest.base_model))
 
 
 # --------------------------------------------------------------------------- #
@@ -270,15 +341,7 @@ def combine_modules(readers: dict[str, AdapterReader], coefs: dict[str, float], 
 
     def one(module: str) -> Factors:
         factors = [readers[n].factors(module) for n in names]
-        shapes = {n: (f.A.shape[1], f.B.shape[0]) for n, f in zip(names, factors)}
-        if len(set(shapes.values())) > 1:
-            common = Counter(shapes.values()).most_common(1)[0][0]
-            odd = next(n for n in names if shapes[n] != common)
-            ref = next(n for n in names if shapes[n] == common)
-            raise InputError(
-                f"entry {odd}: module {module} maps {shapes[odd][0]} -> {shapes[odd][1]} features but entry {ref} maps "
-                f"{common[0]} -> {common[1]}; the adapters are not for one base model: remove {odd} from the bank"
-            )
+        check_shapes(module, [f"entry {n}" for n in names], factors)
         try:
             return combine(method, factors, weights, rank)
         except ValueError as exc:
@@ -336,6 +399,7 @@ class Result:
     out: Path
     provenance: Provenance
     seconds: float
+    verdict: "Verdict | None" = None
 
 
 def generate(
@@ -351,11 +415,18 @@ def generate(
     dtype: str = "float32",
     verify: bool = False,
     auto: bool = False,
+    validate: bool = False,
+    backend: str = "auto",
+    require_gain: bool = False,
 ) -> Result:
     """Build an adapter for `dataset` from `bank` and write it to `out` (atomically).
 
     `verify`: check the full sha256 (and tensors) of every bank entry read against the manifest first.
     `auto`: replace the setting's temperature and top-k by those calibrated on the bank (`calibrated`).
+    `validate`: keep up to 32 labelled examples apart, score the setting's pick, the nearest adapter, the
+    uniform average and no adapter on them (with `backend`), and write the best adapter; the verdict is
+    in `Result.verdict` and lorablend.json (`lorablend generate` validates unless told --no-validate).
+    `require_gain`: raise NoGain, writing nothing, when no adapter beats the base model there.
     """
     t0 = time.perf_counter()
     setting.check()
@@ -365,6 +436,11 @@ def generate(
     out = Path(out)
     check_out(out, force, [bank.root] + ([Path(dataset.source)] if dataset.source else []))
     excluded = exclusions(bank, dataset, list(exclude), exclude_family)
+    full, held, where = dataset, None, None
+    if validate:
+        from .validate import split_validation
+
+        dataset, held, where = split_validation(dataset, seed)
     if set(bank.names) <= set(excluded):
         shown = ", ".join(excluded[:6]) + ("…" if len(excluded) > 6 else "")
         raise InputError(
@@ -375,13 +451,8 @@ def generate(
     if setting.rerank:
         check_count("--rerank", setting.rerank, len(bank.names) - len(excluded))
     timings, calibration = {}, None
-    if setting.metric == "ce":
-        d = np.zeros(len(bank.names))  # every candidate is scored by the model
-    else:
-        _, sk = load_sketches(bank, setting.sketch)  # first: a missing or stale index is reported here
-        query = query_sketch(bank, setting.sketch, dataset)
-        check_vocab(bank, setting.sketch, sk, query)
-        d = distances_to_bank(sk, setting.metric, query, seed)
+    # (metrics ce and grad: every candidate is scored by the model)
+    d = np.zeros(len(bank.names)) if setting.distance is None else _distances(bank, setting, dataset, seed)
     timings["distances_s"] = time.perf_counter() - t0
     if auto:
         setting, cal = calibrated(bank, setting, excluded, exclude_family)
@@ -392,6 +463,15 @@ def generate(
     c = coefficient_row(bank, setting, d, excluded, dataset)
     timings["coefficients_s"] = time.perf_counter() - t0 - sum(timings.values())
     coefs = {n: float(w) for n, w in zip(bank.names, c)}
+    verdict = None
+    if validate:
+        verdict, coefs = validated(bank, setting, coefs, dataset, held, where, excluded, seed,
+                                   uncertain=total_examples(full) < FEW_EXAMPLES, backend=backend)
+        timings["validate_s"] = time.perf_counter() - t0 - sum(timings.values())
+        if require_gain and not verdict.helps:
+            raise NoGain(f"{out}: not written: on {verdict.n} held-out examples no adapter beat the base model "
+                         f"(best {verdict.written} {verdict.scores[verdict.written]:.3f}, base {verdict.base:.3f}); "
+                         "use the base model, or drop --require-gain to write the best adapter anyway")
     if verify and not setting.uses_model:
         verify_entries(bank, [n for n, w in coefs.items() if w > 0])
     prov = Provenance(
@@ -415,12 +495,47 @@ def generate(
         fit_budget=setting.fit_budget if setting.operator == "fit" else None,
         timings=timings,
         calibration=calibration,
+        validation=verdict.to_dict() if verdict else None,
     )
     t1 = time.perf_counter()
     write_combination(bank, coefs, out, setting.combine, setting.rank, provenance=prov, force=force, dtype=dtype)
     timings["combine_s"] = time.perf_counter() - t1
     seconds = time.perf_counter() - t0
-    return Result(out=out, provenance=prov, seconds=seconds)
+    return Result(out=out, provenance=prov, seconds=seconds, verdict=verdict)
+
+
+NEAREST = Setting(sketch="target-tokens", metric="js", top_k=1)  # the best setting without a forward pass
+
+
+def validated(bank: Bank, setting: Setting, coefs: dict[str, float], dataset: Dataset, held, where: dict,
+              excluded: list[str], seed: int, *, uncertain: bool, backend: str):
+    """(the verdict, the coefficients to write): the setting's pick against the nearest adapter, the uniform
+    average and no adapter, on the held-out examples (`validate.validate`). Candidates equal to an earlier
+    one are scored once."""
+    from .validate import NO_ADAPTER, Candidate, validate
+
+    usable = [n for n in bank.names if n not in excluded]
+    nearest = dict(zip(bank.names, coefficient_row(bank, NEAREST, _distances(bank, NEAREST, dataset, seed), excluded)))
+    tried = [Candidate("setting's pick", setting.label, coefs), Candidate("nearest", NEAREST.label, nearest),
+             Candidate("uniform", "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names}),
+             Candidate(NO_ADAPTER, "", None)]
+    unique = [c for j, c in enumerate(tried) if c.coefficients is None or all(
+        _kept(c.coefficients) != _kept(o.coefficients) for o in tried[:j] if o.coefficients is not None)]
+    verdict = validate(bank, unique, held, where | {"seed": seed}, combine=setting.combine, rank=setting.rank,
+                       uncertain=uncertain, backend=backend, seed=seed)
+    return verdict, next(c.coefficients for c in unique if c.name == verdict.written)
+
+
+def _kept(coefs: dict[str, float]) -> dict[str, float]:
+    return {n: round(w, 9) for n, w in coefs.items() if w > 1e-9}
+
+
+def _distances(bank: Bank, setting: Setting, dataset: Dataset, seed: int) -> np.ndarray:
+    """The dataset's distance to every bank entry under the setting's sketch and metric (`distances_to_bank`)."""
+    _, sk = load_sketches(bank, setting.sketch)  # first: a missing or stale index is reported here
+    query = query_sketch(bank, setting.sketch, dataset)
+    check_vocab(bank, setting.sketch, sk, query)
+    return distances_to_bank(sk, setting.distance, query, seed)
 
 
 def verify_entries(bank: Bank, names: list[str]) -> None:

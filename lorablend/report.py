@@ -10,7 +10,9 @@ same entries and the same test examples. Numbers that need care:
 - wins / ties / losses count entries; a tie is |difference| < `TIE` Rouge-L.
 - intervals are paired bootstrap percentiles over entries (seeded, `RESAMPLES`).
 - cost is the mean over entries of the seconds `generate` would spend on the adapter (forward
-  passes of ce / rerank / fit plus the combination), next to the score it buys.
+  passes of ce / rerank / fit plus the combination), next to the score it buys, and the same work
+  in forward-pass equivalents of the base model over the k examples (`passes`: a backward pass
+  counts as two), a unit that holds for any base model's size.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ TIE = 0.01
 MIN_GAP = 0.1
 RESAMPLES = 2000
 LEVEL = 0.95
+REFERENCE = "target-tokens/js/normalized/svd/T1/top1/rerank16"  # the model-aware setting new ones must match
 
 
 # --------------------------------------------------------------------------- #
@@ -75,6 +78,7 @@ def read_scores(path: str | Path) -> list[dict]:
             r[k] = float(r[k])
         r["n"] = int(r["n"])
         r["cost_s"] = float(r.get("cost_s") or "nan")  # empty for the base model and in older CSVs
+        r["passes"] = float(r.get("passes") or "nan")
     return rows
 
 
@@ -89,6 +93,7 @@ class Row:
     entries: int
     exact_match: float = float("nan")
     cost: float = float("nan")  # mean seconds to generate one adapter
+    passes: float = float("nan")  # mean forward-pass equivalents spent on it
     gap_mean: float | None = None  # mean over entries with own ≥ base + MIN_GAP of the per-entry ratio
     gap_of_means: float | None = None  # mean(gen − base) / mean(own − base) over those entries
     vs: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # control kind -> (W, T, L, pairs)
@@ -114,6 +119,8 @@ def references(label: str, first: dict, labels: set[str]) -> dict[str, str]:
         refs["uniform"] = want if want in labels else uniforms[0]
     if first["control"] == "" and f"random-k/{label}" in labels:
         refs["random-k"] = f"random-k/{label}"
+    if first["control"] == "" and REFERENCE in labels:
+        refs["reference"] = REFERENCE
     metric = first.get("metric", "")
     nearest = "best-ce" if metric == "ce" else f"nearest/{first.get('sketch', '')}/{metric}"
     if first["control"] in ("", "random-k") and nearest in labels:
@@ -129,10 +136,10 @@ def summarize(rows: list[dict], holdout: str, seed: int = 0) -> list[Row]:
     for label, per_entry in table.items():
         first = next(iter(per_entry.values()))
         entries = sorted(per_entry)
-        costs = [per_entry[e]["cost_s"] for e in entries if not np.isnan(per_entry[e]["cost_s"])]
+        costs, passes = ([per_entry[e][k] for e in entries if not np.isnan(per_entry[e][k])] for k in ("cost_s", "passes"))
         row = Row(holdout, label, first["control"], float(np.mean([per_entry[e]["rouge_l"] for e in entries])),
                   len(entries), float(np.mean([per_entry[e]["exact_match"] for e in entries])),
-                  float(np.mean(costs)) if costs else float("nan"))
+                  float(np.mean(costs)) if costs else float("nan"), float(np.mean(passes)) if passes else float("nan"))
         gaps = [(per_entry[e]["rouge_l"] - base[e]["rouge_l"], own[e]["rouge_l"] - base[e]["rouge_l"])
                 for e in entries if e in base and e in own and has_gap(base[e]["rouge_l"], own[e]["rouge_l"])]
         if gaps:
@@ -143,7 +150,7 @@ def summarize(rows: list[dict], holdout: str, seed: int = 0) -> list[Row]:
             a = [per_entry[e]["rouge_l"] for e in pairs]
             b = [table[ref][e]["rouge_l"] for e in pairs]
             row.vs[kind] = (*wins_ties_losses(a, b), len(pairs))
-            if kind in ("base", "uniform"):
+            if kind in ("base", "uniform", "reference"):
                 row.delta[kind] = paired_bootstrap(a, b, seed=seed)
         out.append(row)
     return sorted(out, key=lambda r: (r.control != "", -r.mean, r.label))
@@ -176,6 +183,37 @@ def _ci(t: tuple[float, float, float] | None) -> str:
 
 def _wtl(t: tuple[int, int, int, int] | None) -> str:
     return "–" if t is None else f"{t[0]}/{t[1]}/{t[2]}"
+
+
+def reference_table(summary: list[Row]) -> str:
+    """Every setting against REFERENCE on the same entries: the score difference and the work it took."""
+    ref = next((r for r in summary if r.label == REFERENCE), None)
+    rows = [r for r in summary if r.control == "" and "reference" in r.delta]
+    if ref is None or not rows:
+        return ""
+    lines = [f"| setting | mean Rouge-L | Δ vs `{REFERENCE}` [95% CI] | W/T/L | passes | passes / reference's "
+             "| gap (ratio of means) per pass |", "|" + "---|" * 7]
+    for r in sorted(rows, key=lambda r: (r.passes, r.label)):
+        per_pass = r.gap_of_means / r.passes if r.gap_of_means is not None and r.passes > 0 else None
+        lines.append(f"| `{r.label}` | {r.mean:.3f} | {_ci(r.delta['reference'])} | {_wtl(r.vs.get('reference'))} | "
+                     f"{_num(r.passes, '{:.1f}')} | {_num(r.passes / ref.passes if ref.passes > 0 else None, '{:.2f}')} "
+                     f"| {_num(per_pass, '{:.4f}')} |")
+    return "\n".join(lines)
+
+
+def recall_table(recall_csv: Path, holdout: str) -> str:
+    """Share of entries whose exact-ce best adapter is among a retriever's top m (recall.csv)."""
+    with open(recall_csv, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["holdout"] == holdout]
+    if not rows:
+        return ""
+    ms = sorted({int(r["m"]) for r in rows})
+    lines = ["| retriever | entries | " + " | ".join(f"m = {m}" for m in ms) + " |", "|" + "---|" * (len(ms) + 2)]
+    for name in sorted({r["retriever"] for r in rows}):
+        mine = [r for r in rows if r["retriever"] == name]
+        cells = [np.mean([int(r["found"]) for r in mine if int(r["m"]) == m]) for m in ms]
+        lines.append(f"| `{name}` | {len({r['entry'] for r in mine})} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(summary: list[Row]) -> str:
@@ -333,9 +371,22 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
         f"W/T/L: entries won / tied (|Δ| < {TIE}) / lost. Intervals: paired bootstrap over entries, "
         f"{RESAMPLES} resamples, seeded. Gap recovered: over entries whose own adapter beats the base model by at "
         f"least {MIN_GAP} Rouge-L (listed below: the others).", ""]
+    recall_csv = csv_path.with_name("recall.csv")
     for h in holdouts:
         what = "the entry alone is left out" if h == "entry" else "the entry's whole family is left out"
         lines += [f"## Holdout: {h} ({what})", "", markdown_table(summaries[h]), ""]
+        against = reference_table(summaries[h])
+        if against:
+            lines += [f"### Against `{REFERENCE}` (holdout {h})", "",
+                      "Paired by entry. passes: forward-pass equivalents of the base model over the 16 train examples "
+                      "(ce: one per candidate plus the base model's; grad: one forward and one backward pass, 3; fit: "
+                      "its evaluations); the figure of merit is gap recovered per pass.", "", against, ""]
+        if recall_csv.exists() and recall_table(recall_csv, h):
+            lines += [f"### Retrieval recall (holdout {h})", "",
+                      "Share of entries whose exact-ce best adapter (the *best-ce* control, found with a forward pass "
+                      "per usable adapter) is among a retriever's m candidates: the most a rerank of m can find. "
+                      "`grad`: first-order scores; `SKETCH/grad+js`: first-order top ⌈m/2⌉ ∪ js top ⌊m/2⌋.", "",
+                      recall_table(recall_csv, h), ""]
     weak = own_not_better(rows)
     lines += [f"## Entries whose own adapter does not beat the base model by {MIN_GAP} ({len(weak)}): not in the gap columns",
               ""]

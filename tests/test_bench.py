@@ -24,6 +24,11 @@ MODEL_SETTINGS = (
     "tokens/js/normalized/svd/T1/top2/rerank3",
     "tokens/js/fit/svd/T1/rerank3",
 )
+GRAD_SETTINGS = (
+    "tokens/grad/normalized/svd/T1/top1",
+    "tokens/grad/normalized/svd/T1/top1/rerank2",
+    "tokens/grad+js/normalized/svd/T1/top1/rerank3",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -384,3 +389,97 @@ def test_bench_ce_row_equals_generates(tiny_bank, tmp_path):
 
 def bank_modules(bank):
     return next(iter(bench._readers(bank).values())).modules
+
+
+def test_first_order_settings_share_one_backward_pass_and_one_ce_row_per_entry(tiny_bank, tmp_path, scorer_calls):
+    from lorablend.generate import retrieve_union
+
+    results = tmp_path / "r"
+    run = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",),
+                                **{**FAST, "settings": GRAD_SETTINGS}))
+    records = {(r["entry"], r["holdout"], r["label"]): r for r in RecordStore(results).all()}
+    assert run.written == run.total == len(records)
+    assert scorer_calls["ce_row"] == [4]  # the ce row, once, sliced by both reranks, both holdouts and best-ce
+    (path,) = (results / "ce").glob("math.grad.k*.json")
+    cached = json.loads(path.read_text())
+    grad, ce = dict(zip(cached["names"], cached["ce"])), dict(zip(*(lambda c: (c["names"], c["ce"]))(ce_cache(results, "math"))))
+    assert cached["backward_seconds"] > 0 and cached["seconds_per_candidate"] > 0
+    bank = Bank.open(tiny_bank)
+    D = np.load(results / "matrices" / "D-tokens-js.npy")[bank.names.index("math")]
+    for h in ("entry", "family"):
+        excluded = records[("math", h, GRAD_SETTINGS[0])]["excluded"]
+        usable = [n for n in bank.names if n not in excluded]
+        top1, rerank, union = (records[("math", h, label)] for label in GRAD_SETTINGS)
+        assert top1["coefficients"] == {min(usable, key=grad.get): 1.0} and top1["passes"] == 3
+        pool = sorted(usable, key=grad.get)[:2]
+        assert rerank["coefficients"] == {min(pool, key=ce.get): 1.0} and rerank["passes"] == 3 + len(pool) + 1
+        g = np.array([grad[n] if n in usable else np.inf for n in bank.names])
+        d = np.where([n in usable for n in bank.names], D, np.inf)
+        pool = [bank.names[j] for j in np.flatnonzero(np.isfinite(retrieve_union(g, d, 3)))]
+        assert union["coefficients"] == {min(pool, key=ce.get): 1.0} and union["passes"] == 3 + len(pool) + 1
+        assert union["cost_s"] >= cached["backward_seconds"] + cached["seconds_per_candidate"] * len(usable)
+    assert records[("math", "-", "base")]["passes"] is None
+
+
+def test_bench_first_order_row_equals_generates(tiny_bank, tmp_path):
+    """The bench takes the backward pass on the worker's PEFT-wrapped slot model; `generate` on a plain one."""
+    from lorablend.ce import CE_EXAMPLES
+    from lorablend.dataset import load_dataset
+    from lorablend.generate import combination, first_order_row
+
+    bank = Bank.open(tiny_bank)
+    sm = bench.slot_model(bank.manifest.base_model, bank_modules(bank), 2, 4)
+    sm.fill(0, combination(bank, {"math": 1.0}, "cat", readers=bench._readers(bank)))  # a slot that must not leak in
+    run_bench(BenchConfig(bank=str(tiny_bank), results=tmp_path / "r", entries=("music",),
+                          **{**FAST, "settings": GRAD_SETTINGS[:1]}))
+    (path,) = (tmp_path / "r" / "ce").glob("music.grad.k*.json")
+    cached = json.loads(path.read_text())
+    ds = load_dataset(bank.dataset_path(bank.entry("music")), name="music")
+    want = first_order_row(bank, cached["names"], ds, CE_EXAMPLES)
+    assert np.allclose(cached["ce"], want, atol=1e-6, rtol=1e-5)
+    assert np.ptp(want) > 1e-3
+
+
+def test_recall_csv_says_whether_each_retrievers_top_m_holds_the_best_ce_adapter(tiny_bank, tmp_path):
+    import csv
+
+    results = tmp_path / "r"
+    run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math", "code"),
+                          **{**FAST, "settings": GRAD_SETTINGS[1:] + MODEL_SETTINGS[1:2]}))
+    rows = list(csv.DictReader(open(results / "recall.csv")))
+    assert {r["retriever"] for r in rows} == {"grad", "tokens/grad+js", "tokens/js"}
+    assert {r["entry"] for r in rows} == {"math", "code"} and {r["holdout"] for r in rows} == {"entry", "family"}
+    bank = Bank.open(tiny_bank)
+    for e in ("math", "code"):
+        c = ce_cache(results, e)
+        ce = dict(zip(c["names"], c["ce"]))
+        (path,) = (results / "ce").glob(f"{e}.grad.k*.json")
+        g = json.loads(path.read_text())
+        grad = dict(zip(g["names"], g["ce"]))
+        family = bank.entry(e).family
+        for h in ("entry", "family"):
+            usable = [n for n in bank.names if n != e and (h == "entry" or bank.entry(n).family != family)]
+            best = min(usable, key=ce.get)
+            for m in (1, 2, 4):
+                (got,) = [r for r in rows if (r["entry"], r["holdout"], r["retriever"], r["m"]) == (e, h, "grad", str(m))]
+                assert got["found"] == str(int(best in sorted(usable, key=grad.get)[:m]))
+    assert all(r["found"] == "1" for r in rows if r["m"] == "4" and r["holdout"] == "entry")  # 4 others: all kept
+
+
+def test_a_study_resumes_from_its_committed_scores_csv(tiny_bank, tmp_path):
+    """Records are scratch; scores.csv is what gets committed: with only the CSV left, a rerun restores the
+    records, computes only what is new and exports the old rows unchanged."""
+    import shutil
+
+    results = tmp_path / "r"
+    first = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",), **FAST))
+    before = first.csv.read_text()
+    shutil.rmtree(results / "records")
+    again = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",), **FAST))
+    assert again.written == 0 and again.csv.read_text() == before
+    shutil.rmtree(results / "records")
+    grown = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",),
+                                  **{**FAST, "settings": SETTINGS + ("tokens/kl/normalized/svd/T1",)}))
+    new = [r for r in RecordStore(results).all() if not r.get("restored")]
+    assert grown.written == len(new) > 0 and {r["label"] for r in new} >= {"tokens/kl/normalized/svd/T1"}
+    assert set(before.splitlines()) <= set(grown.csv.read_text().splitlines())

@@ -106,6 +106,10 @@ def extras(tmp_path_factory, tiny_model_dir):
     }
 
 
+SETTING_OPTIONS = {"--setting", "--sketch", "--metric", "--operator", "--combine", "--temperature", "--top-k", "--rank",
+                   "--rerank", "--auto", "--validate", "--no-validate", "--fit-budget", "--ce-examples"}
+
+
 class Ctx:
     """One case's directory: a private copy of the tiny bank, a user dataset and an --out path."""
 
@@ -119,8 +123,11 @@ class Ctx:
         self.out = tmp / "out"
 
     def gen(self, *extra: str, bank=None, dataset=None, out=None) -> list[str]:
+        """A generate command; without setting options, the paper's setting and no validation, the path these
+        cases were written for (`test_default_generate_*` cover the default's own path)."""
+        chosen = any(a.split("=")[0] in SETTING_OPTIONS for a in extra)
         return ["generate", "--bank", str(bank or self.bank), "--dataset", str(dataset or self.dataset),
-                "--out", str(out or self.out), *extra]
+                "--out", str(out or self.out), *extra, *(() if chosen else ("--setting", "paper", "--no-validate"))]
 
     def write(self, name: str, data: str | bytes) -> Path:
         path = self.tmp / name
@@ -531,6 +538,23 @@ def _(c):
         t[f"{MODULE}.lora_A.weight"] = np.ascontiguousarray(t[f"{MODULE}.lora_A.weight"][:, :48])
     c.tensors(narrow)
     return c.gen()
+
+
+@case("adapter-shape-mismatch-default-setting", 2, r"adapters/code: module .*q_proj maps 48 -> 64 features but the base "
+      r"model maps 64 -> 64; the adapters are not for one base model")
+def _(c):
+    def narrow(t):
+        t[f"{MODULE}.lora_A.weight"] = np.ascontiguousarray(t[f"{MODULE}.lora_A.weight"][:, :48])
+    c.tensors(narrow)
+    return c.gen("--validate", "--backend", "torch")  # the default setting: its rerank stacks the candidates
+
+
+@case("adapter-shape-mismatch-grad", 2, r"adapters/code: module .*q_proj maps 48 -> 64 features but the base model")
+def _(c):
+    def narrow(t):
+        t[f"{MODULE}.lora_A.weight"] = np.ascontiguousarray(t[f"{MODULE}.lora_A.weight"][:, :48])
+    c.tensors(narrow)
+    return c.gen("--metric", "grad", "--top-k", "1")
 
 
 @case("adapter-inconsistent-factor-shapes", 2, r"adapters/code/adapter_model\.safetensors: module .*q_proj has inconsistent shapes")

@@ -13,6 +13,7 @@ import torch
 from lorablend.adapter import AdapterReader
 from lorablend.bank import Bank
 from lorablend.dataset import load_dataset
+from lorablend.errors import InputError
 from lorablend.generate import Setting, generate
 
 from conftest import make_dataset_file
@@ -222,13 +223,48 @@ def test_neural_operator_fits_and_generates(tiny_bank, user_dataset, tmp_path):
     Setting(metric="ce", combine="cat"),
     Setting(metric="js", rerank=3, combine="cat"),
     Setting(metric="js", operator="fit", top_k=3, fit_budget=12, combine="cat"),
-], ids=["ce", "rerank", "fit"])
+    Setting(metric="grad", top_k=1, combine="cat"),
+    Setting(metric="grad", top_k=1, rerank=2, combine="cat"),
+    Setting(metric="grad+js", top_k=1, rerank=3, combine="cat"),
+], ids=["ce", "rerank", "fit", "grad", "grad-rerank", "union-rerank"])
 def test_model_based_settings(tiny_bank, user_dataset, tmp_path, setting):
     res = generate(Bank.open(tiny_bank), load_dataset(user_dataset), tmp_path / "o", setting)
     c = np.array(list(res.provenance.coefficients.values()))
     assert c.min() >= 0 and abs(c.sum() - 1) < 1e-6
     if setting.rerank or setting.top_k:
         assert (c > 0).sum() <= (setting.rerank or setting.top_k)
+
+
+def test_grad_top1_writes_the_adapter_with_the_lowest_first_order_score(tiny_bank, user_dataset, tmp_path):
+    from lorablend.generate import first_order_row
+
+    bank, ds = Bank.open(tiny_bank), load_dataset(user_dataset)
+    res = generate(bank, ds, tmp_path / "o", Setting(metric="grad", top_k=1))
+    usable = [n for n in bank.names if n not in res.provenance.excluded]
+    g = dict(zip(usable, first_order_row(bank, usable, ds, 16)))
+    assert {n: w for n, w in res.provenance.coefficients.items() if w > 0} == {min(g, key=g.get): 1.0}
+    assert json.loads((res.out / "lorablend.json").read_text())["metric"] == "grad"
+
+
+def test_union_retriever_takes_half_from_each_and_fewer_when_they_agree():
+    from lorablend.generate import retrieve_union
+
+    g = np.array([0.1, -0.5, 0.3, -0.2, np.inf, 0.0])
+    d = np.array([0.2, 0.9, 0.1, 0.8, np.inf, 0.05])
+    assert np.flatnonzero(np.isfinite(retrieve_union(g, d, 4))).tolist() == [1, 2, 3, 5]  # grad 1, 3; js 2, 5
+    assert np.flatnonzero(np.isfinite(retrieve_union(g, d, 3))).tolist() == [1, 3, 5]  # grad takes the odd one
+    assert np.flatnonzero(np.isfinite(retrieve_union(g, g, 4))).tolist() == [1, 3]  # the same two twice
+    assert np.isfinite(retrieve_union(g, d, 50)).sum() == 5  # never the excluded (inf) entry
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(metric="grad+js"), "--rerank"),
+    (dict(metric="grad+kl", operator="neural", rerank=4), "neural"),
+    (dict(metric="grad", operator="neural"), "neural"),
+])
+def test_first_order_settings_refused_with_one_line(kw, needle):
+    with pytest.raises(InputError, match=needle):
+        Setting(**kw).check()
 
 
 def test_mixture_scorer_hooks_equal_the_cat_adapter(tiny_bank, tiny_model_dir, user_dataset, tmp_path):
@@ -288,7 +324,7 @@ def test_mixture_scorer_runs_the_shared_prompt_prefix_once_and_exactly(tiny_bank
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     scorer = MixtureScorer(model, tok, list(open_readers(bank, bank.names).values()), examples, bf16=False)
-    assert scorer._prefix is not None and scorer._prefix.shape[1] >= 3
+    assert scorer._batch.prefix is not None and scorer._batch.prefix.shape[1] >= 3
     pairs = [training_pair(tok, e) for e in examples]
     width = max(len(ids) for ids, _ in pairs)
     ids = torch.tensor([p + [0] * (width - len(p)) for p, _ in pairs])
@@ -359,6 +395,19 @@ def test_ce_cost_benchmark_times_a_synthetic_model(tiny_bank, capsys):
 
     vocab = len(load_tokenizer(Bank.open(tiny_bank).manifest.base_model))  # q, o 64x64; k, v 64x32; MLP 3 x 64x128
     assert summary["synthetic_params"] == 2 * vocab * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+
+
+@pytest.mark.parametrize("checkpointing", [[], ["--checkpointing"]], ids=["plain", "checkpointing"])
+def test_ce_cost_benchmark_times_first_order_scoring_and_a_training_step(tiny_bank, capsys, checkpointing):
+    from lorablend.benchmarks.ce_cost import main
+
+    main(["--bank", str(tiny_bank), "--tasks", "1", "--k", "8", "--candidates", "1", "--synthetic", "--layers", "2",
+          "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--first-order", "5",
+          "--grad-tokens", "64"] + checkpointing)
+    row, last, _summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["adapters"] == 5 and row["finite"] and row["backward_peak_rss_gb"] > 0
+    assert last["train_tokens"] > 0 and last["checkpointing"] == bool(checkpointing)
+    assert last["grad_rerank8_wall_s"] >= last["grad_top1_wall_s"] > 0 and last["train32_over_grad_rerank8"] > 0
 
 
 def test_demo_scores_base_generated_and_own_on_a_bank_task(tiny_bank, tmp_path, capfd):
