@@ -97,6 +97,17 @@ class Bank:
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
+    def first_of_each_family(self) -> list[str]:
+        """The first entry (by name) of every family (an entry without one is its own), families in the order
+        of those names: a choice of tasks fixed before any result (the bench's quick preset, the demo)."""
+        seen, out = set(), []
+        for e in sorted(self.entries, key=lambda e: e.name):
+            key = e.family or e.name
+            if key not in seen:
+                seen.add(key)
+                out.append(e.name)
+        return out
+
     def check_nonempty(self) -> None:
         """An empty bank has nothing to index, retrieve or combine: say so before any work."""
         if not self.entries:

@@ -112,7 +112,8 @@ DEFAULT_N = 4  # both default presets, both holdouts, 61 entries: 57.6 min on 2 
 DEFAULT_MAX_NEW_TOKENS = 32
 QUICK_N = 15  # the quick preset: one entry per family (10 on the default bank), holdout entry
 PRUNE = 1e-6
-CONTROLS = ("base", "own", "uniform", "random-k", "nearest", "best-ce")
+CONTROLS = ("base", "own", "uniform", "random-k", "nearest", "best-ce", "train", "refine")
+TRAIN_STEP_PASSES = 1.5  # forward-pass equivalents of one training step: forward + backward of a batch of 8 of the 16
 
 
 # --------------------------------------------------------------------------- #
@@ -193,17 +194,6 @@ def preset_specs(presets: list[str], settings: list[str]) -> list[Spec]:
     return list({s.label: s for s in specs}.values())
 
 
-def one_per_family(bank: Bank) -> list[str]:
-    """The first entry (by name) of every family: the quick preset's entries, fixed before any result."""
-    seen, out = set(), []
-    for e in sorted(bank.entries, key=lambda e: e.name):
-        key = e.family or e.name
-        if key not in seen:
-            seen.add(key)
-            out.append(e.name)
-    return out
-
-
 # --------------------------------------------------------------------------- #
 # What one entry needs: slots (records) and their coefficients
 # --------------------------------------------------------------------------- #
@@ -220,6 +210,7 @@ class Slot:
     combine: str | None = None
     rank: int | None = None
     sketch_metric: tuple[str, str] | None = None  # nearest: whose distance; best-ce: ("", "ce")
+    steps: int | None = None  # train / refine: training steps on the entry's first CE_EXAMPLES train examples
 
 
 def uniform_label(combine: str, rank: int | None) -> str:
@@ -232,9 +223,12 @@ def distributional(specs: list[Spec]) -> list[tuple[str, str]]:
     return list(dict.fromkeys((s.setting.sketch, s.setting.distance) for s in specs if s.setting.distance))
 
 
-def slots_for(specs: list[Spec], holdouts: tuple[str, ...]) -> list[Slot]:
-    """Every record of one entry, known before any coefficient is computed (so resumption can count)."""
+def slots_for(specs: list[Spec], holdouts: tuple[str, ...], train_steps: tuple[int, ...] = ()) -> list[Slot]:
+    """Every record of one entry, known before any coefficient is computed (so resumption can count).
+    `train_steps`: the training curve, a LoRA trained from zero (`train/K`, no bank) and one refined from the
+    default setting's blend (`refine/K`, per holdout) for K steps on the examples the model-aware settings see."""
     slots = [Slot("-", "base", "base"), Slot("-", "own", "own")]
+    slots += [Slot("-", f"train/{k}", "train", steps=k) for k in train_steps]
     combos = list(dict.fromkeys((s.setting.combine, s.setting.rank) for s in specs))
     dists = distributional(specs)
     model_based = any(s.setting.uses_model for s in specs)
@@ -245,6 +239,7 @@ def slots_for(specs: list[Spec], holdouts: tuple[str, ...]) -> list[Slot]:
                   for s in specs if s.has_top_k]
         slots += [Slot(h, f"nearest/{sk}/{m}", "nearest", sketch_metric=(sk, m)) for sk, m in dists]
         slots += [Slot(h, "best-ce", "best-ce", sketch_metric=("", "ce"))] if model_based else []
+        slots += [Slot(h, f"refine/{k}", "refine", steps=k) for k in train_steps]
     return slots
 
 
@@ -288,10 +283,13 @@ def one_hot(n: int, j: int) -> np.ndarray:
     return c
 
 
-def eval_key(c: np.ndarray | None, combine: str | None, rank: int | None, names: list[str]) -> str:
-    """What determines the answers: the base model, one bank adapter, or a hashed mixture."""
+def eval_key(c: np.ndarray | dict | None, combine: str | None, rank: int | None, names: list[str],
+             slot: Slot | None = None) -> str:
+    """What determines the answers: the base model, one bank adapter, a hashed mixture, or a trained LoRA."""
     if c is None:
         return "base"
+    if isinstance(c, dict):
+        return f"{slot.control}:{slot.holdout}:{slot.steps}"
     nz = np.flatnonzero(c)
     if len(nz) == 1:
         return f"bank:{names[nz[0]]}"
@@ -393,11 +391,14 @@ class EntryPlan:
             self._fits[key] = json.loads(path.read_text(encoding="utf-8"))
         return self._fits[key]
 
-    def coefficients(self, slot: Slot) -> tuple[np.ndarray | None, dict]:
-        """The slot's coefficient vector (None: base model) and what to record about how it was made."""
+    def coefficients(self, slot: Slot) -> tuple[np.ndarray | dict | None, dict]:
+        """The slot's coefficient vector (None: base model; trained factors for train / refine) and what to record
+        about how it was made."""
         n, h = len(self.bank.names), slot.holdout
         if slot.control == "base":
             return None, {}
+        if slot.control in ("train", "refine"):
+            return self.trained(slot)
         if slot.control == "own":
             return one_hot(n, self.i), {}
         usable = self.usable(h)
@@ -439,6 +440,27 @@ class EntryPlan:
         info["model_s"] += sum(sc.seconds for sc in scorers)
         info["passes"] = (info["passes"] + sum(sc.passes for sc in scorers)) if setting.uses_model else 0
         return prune(c), info
+
+    def trained(self, slot: Slot) -> tuple[dict, dict]:
+        """A LoRA trained for `slot.steps` steps of the bank's recipe on the first CE_EXAMPLES train examples: from
+        zero, or from the default setting's blend under the slot's holdout (whose passes it adds to its own)."""
+        from .generate import DEFAULT_SETTING, combination
+        from .train import train_factors
+
+        init, info = None, {"passes": TRAIN_STEP_PASSES * slot.steps, "model_s": 0.0}
+        if slot.control == "refine":
+            spec = Spec(DEFAULT_SETTING)
+            c, blend = self.coefficients(Slot(slot.holdout, spec.label, "", spec, DEFAULT_SETTING.combine))
+            init = combination(self.bank, {n: float(w) for n, w in zip(self.bank.names, c)}, DEFAULT_SETTING.combine,
+                               readers=_readers(self.bank))
+            info.update(excluded=blend["excluded"], model_s=blend["model_s"], passes=info["passes"] + blend["passes"],
+                        blend={n: float(w) for n, w in zip(self.bank.names, c) if w > 0})
+        with training_model(self.bank.manifest.base_model) as model:
+            factors, record = train_factors(model, _tokenizer(self.bank), self.dataset.split("train")[:CE_EXAMPLES],
+                                            slot.steps, self.seed, init)
+        info["model_s"] += record["seconds"]
+        info["training"] = record
+        return factors, info
 
     def recall(self, holdout: str, retriever: tuple[str, str], ms: tuple[int, ...]) -> list[dict]:
         """Whether the exact-ce best usable adapter is among the m candidates of a retriever ((sketch, metric)
@@ -607,6 +629,7 @@ class EntryJob:
     neural_epochs: int = 40
     backend: str = "torch"  # resolved: torch | llamacpp
     threads: int = 1
+    train_steps: tuple[int, ...] = ()
 
 
 def test_sample(dataset, n: int, seed: int) -> list:
@@ -707,6 +730,22 @@ def scoring_model(model_id: str):
     yield _WORKER["base_model"]
 
 
+@contextmanager
+def training_model(model_id: str):
+    """A plain base model of the worker's own for training curves (never the slot model: no nested LoRA)."""
+    if _WORKER.get("train_model_id") != model_id:
+        from .models import load_model
+
+        _WORKER.update(train_model=load_model(model_id), train_model_id=model_id)
+    yield _WORKER["train_model"]
+
+
+def _tokenizer(bank: Bank):
+    from .models import load_tokenizer
+
+    return load_tokenizer(bank.manifest.base_model)
+
+
 def slot_model(model_id: str, modules: list[str], slots: int, rank: int) -> SlotModel:
     """The worker's SlotModel, rebuilt (base model kept) only when more slots or a higher rank are needed."""
     current = _WORKER.get("slots")
@@ -739,7 +778,7 @@ def run_entry(job: EntryJob, on_record=None) -> int:
     store = RecordStore(Path(job.results))
     done = store.load(job.entry)
     specs = [parse_setting(s) for s in job.settings]
-    slots = [s for s in slots_for(specs, job.holdouts) if (s.holdout, s.label) not in done]
+    slots = [s for s in slots_for(specs, job.holdouts, job.train_steps) if (s.holdout, s.label) not in done]
     if not slots:
         return 0
     entry = bank.entry(job.entry)
@@ -749,7 +788,7 @@ def run_entry(job: EntryJob, on_record=None) -> int:
     items = []
     for slot in slots:
         c, info = plan.coefficients(slot)
-        items.append((slot, c, info, eval_key(c, slot.combine, slot.rank, bank.names)))
+        items.append((slot, c, info, eval_key(c, slot.combine, slot.rank, bank.names, slot)))
     # per evaluation, the record that was charged its cost (the largest seconds_adapter): cost_s reads it
     charged = sorted(done.values(), key=lambda r: r["seconds_adapter"])
     evaluator = EntryEvaluator(bank, entry, dataset, job, {r["eval_key"]: r for r in charged})
@@ -797,6 +836,8 @@ class EntryEvaluator:
         from .generate import combination
 
         c, combine, rank = recipe
+        if isinstance(c, dict):  # trained factors
+            return c
         coefs = {n: float(w) for n, w in zip(self.bank.names, c)}
         return combination(self.bank, coefs, "cat" if key.startswith("bank:") else combine, rank,
                            readers=_readers(self.bank))
@@ -876,7 +917,9 @@ class EntryEvaluator:
             "max_new_tokens": self.budget, **{k: ev[k] for k in ("rouge_l", "rouge_lsum", "exact_match", "n", "answers")},
             **cost, "cost_s": None if c is None else round(info.get("model_s", 0.0) + ev["seconds_adapter"], 3),
             "passes": None if c is None else info.get("passes", 0),
-            "coefficients": {} if c is None else {n: float(w) for n, w in zip(self.bank.names, c) if w > 0},
+            "coefficients": {} if c is None or isinstance(c, dict) else {n: float(w) for n, w in zip(self.bank.names, c)
+                                                                         if w > 0},
+            "training": info.get("training"), "blend": info.get("blend"),
             "excluded": info.get("excluded", []), "neural_trained_on": info.get("neural_trained_on"),
         }
 
@@ -907,6 +950,7 @@ class BenchConfig:
     backend: str = "auto"  # torch | llamacpp | auto (llama.cpp when installed and the model has a GGUF)
     neural_hidden: int = 64
     neural_epochs: int = 40
+    train_steps: tuple[int, ...] = ()  # the training curve: train/K and refine/K records (slots_for)
     command: str = ""
 
 
@@ -936,7 +980,7 @@ def resolve(cfg: BenchConfig, bank: Bank) -> tuple[list[Spec], list[str], tuple[
     if not specs:
         raise InputError("no settings to run: give --preset or --settings")
     quick = "quick" in cfg.presets
-    entries = list(cfg.entries) if cfg.entries else (one_per_family(bank) if quick else bank.names)
+    entries = list(cfg.entries) if cfg.entries else (bank.first_of_each_family() if quick else bank.names)
     unknown = [e for e in entries if e not in bank.names]
     if unknown:
         raise InputError(f"--entries: no bank entry named {unknown[0]}; see `lorablend bank info {bank.root}`")
@@ -987,17 +1031,20 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
     store = RecordStore(results)
     if not store.count() and (results / "scores.csv").exists():
         reporter.status(f"restored {store.restore(results / 'scores.csv')} records from {results / 'scores.csv'}")
-    slots = slots_for(specs, holdouts)
+    slots = slots_for(specs, holdouts, cfg.train_steps)
     missing = store.missing(entries, slots)
     todo = [e for e in entries if missing[e]]
     reporter.start(sum(missing.values()))
     before, finished = store.count(), False
     try:
-        matrices = compute_matrices(bank, specs, results / "matrices", cfg.seed, reporter.status)
+        from .generate import DEFAULT_SETTING
+
+        blends = [Spec(DEFAULT_SETTING)] if cfg.train_steps else []  # refine/K starts from the default's blend
+        matrices = compute_matrices(bank, specs + blends, results / "matrices", cfg.seed, reporter.status)
         if todo:
             jobs = [EntryJob(str(bank.root), e, [s.label for s in specs], holdouts, str(results), matrices, n,
                              cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.neural_hidden, cfg.neural_epochs,
-                             backend, cfg.threads or threads_per_job(cfg.jobs))
+                             backend, cfg.threads or threads_per_job(cfg.jobs), cfg.train_steps)
                     for e in todo]
             reporter.status(f"records ({len(todo)} entries to run)")
             execute(jobs, cfg, store, reporter.advance)

@@ -141,34 +141,45 @@ def bank_info(bank: str = typer.Argument(..., help="Bank directory, or 'default'
 
 @app.command("demo")
 def demo_cmd(
-    task: Optional[str] = typer.Option(None, help="Bank task to treat as the new dataset (default: a fixed one)."),
+    task: Optional[str] = typer.Option(None, help="One bank task to treat as the new dataset (default: a fixed few)."),
     bank: str = typer.Option("default", help="Bank directory, or 'default'."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the generated adapter."),
-    n: int = typer.Option(30, help="Test examples to score."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the generated adapters (one dir per task)."),
+    n: int = typer.Option(30, help="Test examples to score per task."),
     backend: str = typer.Option("auto", help="torch | llamacpp | auto (llamacpp when installed and the model has a GGUF)."),
 ):
-    """Generate an adapter for one bank task from the others and score it against the base model and the task's own LoRA."""
+    """Run the default `generate` on a few bank tasks, each with its whole family left out of the bank, and score the
+    written adapter against the base model and the task's own LoRA."""
     from rich.table import Table
 
     from .bank import Bank
-    from .demo import DEFAULT_SETTING, DEFAULT_TASK, run_demo
+    from .demo import demo_tasks, run_demo
+    from .generate import DEFAULT_SETTING
     from .models import ALIASES, SMOLLM2_ID, fetch_smollm2
 
     t0 = time.perf_counter()
-    base = Bank.open(bank).manifest.base_model
-    if ALIASES.get(base.lower(), base) == SMOLLM2_ID:
+    b = Bank.open(bank)
+    if ALIASES.get(b.manifest.base_model.lower(), b.manifest.base_model) == SMOLLM2_ID:
         fetch_smollm2()  # with its own progress bar, before the status spinner (rich shows one at a time)
+    tasks = [b.entry(task).name] if task else demo_tasks(b)
     with console.status("starting") as status:
-        rows, adapter, coefs = run_demo(task or DEFAULT_TASK, bank, out_dir, n, backend=backend,
-                                        status=lambda m: status.update(m))
-    out.print(_top_table(coefs, 5, f"strongest bank coefficients ({DEFAULT_SETTING.label})"))
-    table = Table(title=f"{task or DEFAULT_TASK}: {rows[0].scores.n} test examples, greedy ({rows[0].backend})")
-    for col in ("model", "Rouge-L", "exact match", "seconds"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+        rows = run_demo(tasks, bank, out_dir, n, backend=backend, status=lambda m: status.update(m))
+    table = Table(title=f"each task new to the bank (its family left out); {DEFAULT_SETTING.label}, then validated; "
+                        f"{rows[0].base.n} test examples, greedy ({rows[0].backend})")
+    for col in ("task", "base", "generated", "own LoRA", "validation: written (gain over base, 95% CI)", "seconds"):
+        table.add_column(col, justify="left" if col in ("task",) or col.startswith("validation") else "right")
     for r in rows:
-        table.add_row(r.model, f"{r.scores.rouge_l:.3f}", f"{r.scores.exact_match:.3f}", f"{r.seconds:.1f}")
+        v = r.verdict
+        said = f"{v.written}: {v.gain[0]:+.3f} [{v.gain[1]:+.3f}, {v.gain[2]:+.3f}]" + ("" if v.helps else " no gain")
+        table.add_row(r.task, f"{r.base.rouge_l:.3f}", f"{r.generated.rouge_l:.3f}", f"{r.own.rouge_l:.3f}", said,
+                      f"{r.seconds:.0f}")
+    if len(rows) > 1:
+        from statistics import fmean
+
+        table.add_row("mean", f"{fmean(r.base.rouge_l for r in rows):.3f}",
+                      f"{fmean(r.generated.rouge_l for r in rows):.3f}", f"{fmean(r.own.rouge_l for r in rows):.3f}",
+                      f"{sum(r.verdict.helps for r in rows)} of {len(rows)} adapters beat the base model on validation", "")
     out.print(table)
-    out.print(f"generated adapter: {adapter} (PEFT format); total {time.perf_counter() - t0:.0f}s")
+    out.print(f"adapters: {', '.join(str(r.adapter) for r in rows)} (PEFT format); total {time.perf_counter() - t0:.0f}s")
 
 
 @app.command("eval")
@@ -298,6 +309,9 @@ def bench_cmd(
                                      "repeatable. Default: paper and best (unless --settings is given)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset: 2 settings, one entry per family, holdout "
                                "entry, 15 examples (5.6 min on the 61-entry default bank with --jobs 2, 2 cores)."),
+    train_steps: str = typer.Option("", "--train-steps", help="The training curve, e.g. 1,2,4,8,16,32: per entry a LoRA "
+                                    "trained for each K steps on the 16 examples the model-aware settings see, from zero "
+                                    "(train/K) and from the default setting's blend (refine/K, per holdout). Slow."),
     settings: List[str] = typer.Option([], "--settings", help="A setting such as tokens/js/normalized/svd/T1/top8, "
                                        "embeddings/js/normalized/svd/auto (T and top-k calibrated on the bank), "
                                        ".../auto/rerank16, tokens/ce/normalized/svd/T1/top8 or embeddings/js/fit/svd/T1/rerank16 "
@@ -345,6 +359,7 @@ def bench_cmd(
         entries=tuple(e for arg in entries for e in arg.split(",") if e) or None, holdouts=tuple(holdout) or None,
         n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, jobs=jobs, threads=threads,
         executor=executor, ray_address=ray_address, backend=backend, command=shlex.join(["lorablend", *sys.argv[1:]]),
+        train_steps=_steps(train_steps),
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
@@ -417,6 +432,16 @@ def verdict_lines(v) -> list[str]:
     return said
 
 
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--train-steps '{text}': expected step counts separated by commas, e.g. 1,2,4,8") from None
+    if any(k < 1 for k in steps):
+        raise InputError(f"--train-steps '{text}': every step count must be >= 1")
+    return steps
+
+
 def _top_table(coefs: dict[str, float], n: int, title: str):
     from rich.table import Table
 
@@ -473,6 +498,9 @@ def generate_cmd(
     require_gain: bool = typer.Option(False, "--require-gain", help="Write nothing (exit 3) when no adapter beats the "
                                       "base model on the validation examples."),
     backend: str = typer.Option("auto", help="Validation's generation backend: torch | llamacpp | auto."),
+    refine_steps: int = typer.Option(0, help="Then train the written adapter for S steps of the bank's recipe on your "
+                                     "train examples (never the validation ones): gradient steps, starting from the "
+                                     "blend. Off by default; README 'When to use what'."),
 ):
     """Turn a dataset into a LoRA adapter by combining bank adapters (no weight is trained).
 
@@ -512,7 +540,8 @@ def generate_cmd(
     ds = load_dataset(dataset, seed=seed)
     with console.status(f"generating an adapter from {len(b.entries)} bank entries ({setting.label})"):
         result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,
-                          verify=verify, auto=auto, validate=validate, backend=backend, require_gain=require_gain)
+                          verify=verify, auto=auto, validate=validate, backend=backend, require_gain=require_gain,
+                          refine_steps=refine_steps)
     prov = result.provenance
     if prov.calibration:
         out.print(f"calibrated on the bank: temperature {prov.temperature:g}, top-k {prov.top_k or 'all'} "

@@ -123,6 +123,7 @@ class Provenance:
     timings: dict[str, float] = field(default_factory=dict)
     calibration: dict | None = None  # --auto: the (T, top-k) chosen on the bank and their reconstruction loss
     validation: dict | None = None  # the candidates' scores on held-out examples and the one written (validate.py)
+    refinement: dict | None = None  # --refine-steps: the training steps run from the blend, their seconds and losses
 
 
 # --------------------------------------------------------------------------- #
@@ -418,6 +419,7 @@ def generate(
     validate: bool = False,
     backend: str = "auto",
     require_gain: bool = False,
+    refine_steps: int = 0,
 ) -> Result:
     """Build an adapter for `dataset` from `bank` and write it to `out` (atomically).
 
@@ -427,6 +429,8 @@ def generate(
     uniform average and no adapter on them (with `backend`), and write the best adapter; the verdict is
     in `Result.verdict` and lorablend.json (`lorablend generate` validates unless told --no-validate).
     `require_gain`: raise NoGain, writing nothing, when no adapter beats the base model there.
+    `refine_steps`: then train the written adapter for that many steps of the bank's recipe on the train examples
+    (never the validation ones): a gradient step, off by default (`train.train_factors`).
     """
     t0 = time.perf_counter()
     setting.check()
@@ -450,6 +454,8 @@ def generate(
         )
     if setting.rerank:
         check_count("--rerank", setting.rerank, len(bank.names) - len(excluded))
+    if refine_steps < 0:
+        raise InputError(f"--refine-steps must be >= 0, got {refine_steps}")
     timings, calibration = {}, None
     # (metrics ce and grad: every candidate is scored by the model)
     d = np.zeros(len(bank.names)) if setting.distance is None else _distances(bank, setting, dataset, seed)
@@ -498,10 +504,31 @@ def generate(
         validation=verdict.to_dict() if verdict else None,
     )
     t1 = time.perf_counter()
-    write_combination(bank, coefs, out, setting.combine, setting.rank, provenance=prov, force=force, dtype=dtype)
-    timings["combine_s"] = time.perf_counter() - t1
+    if refine_steps:
+        modules = combination(bank, coefs, setting.combine, setting.rank)
+        timings["combine_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        modules, prov.refinement = refined(bank, modules, dataset, refine_steps, seed)
+        prov.rank = max(f.rank for f in modules.values())
+        write_output(out, modules, bank.manifest.base_model, prov, force=force, dtype=dtype)
+        timings["refine_s"] = time.perf_counter() - t1
+    else:
+        write_combination(bank, coefs, out, setting.combine, setting.rank, provenance=prov, force=force, dtype=dtype)
+        timings["combine_s"] = time.perf_counter() - t1
     seconds = time.perf_counter() - t0
     return Result(out=out, provenance=prov, seconds=seconds, verdict=verdict)
+
+
+def refined(bank: Bank, modules: dict[str, Factors], dataset: Dataset, steps: int, seed: int):
+    """The blend trained for `steps` steps of the bank's recipe on the dataset's train split, and the record."""
+    from .models import load_model, load_tokenizer
+    from .train import train_factors
+
+    model_id = bank.manifest.base_model
+    trained, record = train_factors(load_model(model_id), load_tokenizer(model_id), dataset.split("train"), steps, seed,
+                                    modules)
+    record.pop("seconds")  # in the timings: lorablend.json stays byte-identical across reruns
+    return trained, record
 
 
 NEAREST = Setting(sketch="target-tokens", metric="js", top_k=1)  # the best setting without a forward pass

@@ -257,6 +257,44 @@ def bar_chart(summaries: dict[str, list[Row]], path: Path) -> None:
     plt.close(fig)
 
 
+def compute_plot(summaries: dict[str, list[Row]], path: Path) -> bool:
+    """Mean Rouge-L against forward-pass equivalents (log scale): the settings as points, the training curves
+    (train/K from zero, refine/K from the default blend) as lines, base and own as references. False when no
+    row has a compute figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(r.passes > 0 for rows in summaries.values() for r in rows):
+        return False
+    fig, axes = plt.subplots(1, len(summaries), figsize=(7.5 * len(summaries), 5.0), squeeze=False)
+    for ax, (holdout, summary) in zip(axes[0], summaries.items()):
+        for kind, style in (("train", "o-"), ("refine", "s-")):
+            curve = sorted((r.passes, r.mean) for r in summary if r.control == kind and r.passes > 0)
+            if curve:
+                ax.plot(*zip(*curve), style, label=f"{kind}/K: LoRA trained K steps from "
+                        + ("zero" if kind == "train" else "the default blend"))
+        for r in summary:
+            if r.control in ("", "best-ce") and r.passes > 0:
+                ax.plot(r.passes, r.mean, "^" if r.control == "" else "v", color="#c44e52")
+                ax.annotate(r.label.replace("normalized/svd/T1/", ""), (r.passes, r.mean), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        for ref, style in (("base", ":"), ("own", "--")):
+            hit = [r.mean for r in summary if r.label == ref]
+            if hit:
+                ax.axhline(hit[0], color="black", linestyle=style, linewidth=1, label=f"{ref} ({hit[0]:.3f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("forward-pass equivalents of the base model over 16 examples (log)")
+        ax.set_ylabel("mean Rouge-L over entries")
+        ax.set_title(f"holdout: {holdout}")
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def heatmap(coefs: dict[str, dict[str, float]], title: str, path: Path) -> None:
     """Coefficients: one row per scored entry, one column per bank entry."""
     import matplotlib
@@ -395,6 +433,18 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
     if summaries:
         bar_chart(summaries, bars)
         lines += ["## Figures", "", f"![mean Rouge-L per setting and control]({bars.name})", ""]
+        compute = out_md.with_name(out_md.stem + "-compute.png")
+        # train/K and refine/K rows cover the entries of --train-steps runs only: the plot compares the means it is
+        # given, so the report says over how many entries each curve is
+        if compute_plot(summaries, compute):
+            counts = sorted({(r.control, r.entries) for rows in summaries.values() for r in rows
+                             if r.control in ("train", "refine")})
+            lines += [f"![mean Rouge-L against compute]({compute.name})", "",
+                      "Quality against compute: every setting with a model-based step and the training curves, in "
+                      "forward-pass equivalents of the base model over the 16 train examples (a ce candidate is 1, a "
+                      "backward pass 2, a training step on a batch of 8 of those examples 3 × 8/16 = 1.5). Compute in "
+                      "these units does not depend on the base model's size. Entries per curve: "
+                      + (", ".join(f"{k} {n}" for k, n in counts) or "no training curve in this run") + ".", ""]
         best = best_setting(summaries[holdouts[0]])
         coefs_path = csv_path.with_name("coefficients.json")
         if best is not None and coefs_path.exists():

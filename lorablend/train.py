@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .atomic import atomic_dir
 from .bank import Bank, BankEntry, check_bank_out
 from .dataset import Dataset, Example, load_dataset, save_dataset
@@ -114,11 +116,15 @@ def add_lora(model, cfg: TrainConfig, seed: int):
     )
 
 
-def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed: int, fmt: PromptFormat, on_step=None):
-    """Wrap `model` with a fresh LoRA and train it; returns the PEFT model (unload() restores the base)."""
+def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed: int, fmt: PromptFormat, on_step=None,
+               init: dict | None = None):
+    """Wrap `model` with a LoRA and train it; returns the PEFT model (unload() restores the base). The LoRA is
+    fresh (B = 0), or starts from `init` (module -> Factors, e.g. a blend: `start_from`)."""
     import torch
 
     peft_model = add_lora(model, cfg, seed)
+    if init is not None:
+        start_from(peft_model, init)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * (1 - s / cfg.steps) + 0.0)
@@ -137,6 +143,63 @@ def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed
             on_step(loss.item())
     peft_model.eval()
     return peft_model
+
+
+def refine_config(init: dict, cfg: TrainConfig = TrainConfig()) -> TrainConfig:
+    """The bank's recipe (learning rate, batch, schedule, alpha/r) on the modules and at the rank of `init`."""
+    from dataclasses import replace
+
+    rank = max(f.rank for f in init.values())
+    targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in init}))
+    return replace(cfg, r=rank, alpha=cfg.alpha / cfg.r * rank, target_modules=targets)
+
+
+def start_from(peft_model, init: dict) -> None:
+    """Set the LoRA's factors to `init`'s updates: A as given, B divided by the LoRA's own scaling (alpha / r), so
+    the starting update is exactly s·B·A of each module (a lower rank is padded with zero rows and columns)."""
+    import torch
+
+    causal_lm = peft_model.get_base_model()
+    with torch.no_grad():
+        for module, f in init.items():
+            layer = causal_lm.get_submodule(module)
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            A.zero_()
+            B.zero_()
+            A[: f.rank] = torch.from_numpy(np.ascontiguousarray(f.A, dtype=np.float32))
+            B[:, : f.rank] = torch.from_numpy(np.ascontiguousarray(f.B * (f.scale / layer.scaling["default"]),
+                                                                    dtype=np.float32))
+
+
+def lora_factors(peft_model) -> dict:
+    """The trained LoRA as module -> Factors (float32), in the bank's module names."""
+    from .combine import Factors
+
+    out = {}
+    for name, layer in peft_model.get_base_model().named_modules():
+        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
+            out[name] = Factors(A=layer.lora_A["default"].weight.detach().float().numpy().copy(),
+                                B=layer.lora_B["default"].weight.detach().float().numpy().copy(),
+                                scale=float(layer.scaling["default"]))
+    return out
+
+
+def train_factors(model, tokenizer, examples: list[Example], steps: int, seed: int = 0, init: dict | None = None,
+                  fmt: PromptFormat = PromptFormat()) -> tuple[dict, dict]:
+    """`steps` steps of the bank's recipe on `examples`, from zero or from `init` (its modules and rank): the
+    trained factors and a record (steps, seconds, the loss of every step). `model` is given back unchanged."""
+    cfg = refine_config(init) if init is not None else TrainConfig()
+    from dataclasses import replace
+
+    cfg = replace(cfg, steps=steps)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    peft_model = train_lora(model, tokenizer, examples, cfg, seed, fmt, losses.append, init=init)
+    factors = lora_factors(peft_model)
+    peft_model.unload()
+    record = {"steps": steps, "from": "blend" if init is not None else "zero", "seconds": round(time.perf_counter() - t0, 3),
+              "losses": [round(x, 5) for x in losses], "examples": len(examples), "seed": seed, **cfg.to_dict()}
+    return factors, record
 
 
 def _save_bf16(peft_model, out: Path) -> None:

@@ -483,3 +483,23 @@ def test_a_study_resumes_from_its_committed_scores_csv(tiny_bank, tmp_path):
     new = [r for r in RecordStore(results).all() if not r.get("restored")]
     assert grown.written == len(new) > 0 and {r["label"] for r in new} >= {"tokens/kl/normalized/svd/T1"}
     assert set(before.splitlines()) <= set(grown.csv.read_text().splitlines())
+
+
+def test_training_curves_from_zero_and_from_the_blend(tiny_bank, tmp_path):
+    from lorablend.report import read_scores, summarize
+
+    results = tmp_path / "r"
+    run = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",), train_steps=(1, 2),
+                                **{**FAST, "settings": ("tokens/js/normalized/svd/T1",)}))
+    records = {(r["entry"], r["holdout"], r["label"]): r for r in RecordStore(results).all()}
+    assert run.written == run.total == len(records)
+    for k in (1, 2):
+        zero = records[("math", "-", f"train/{k}")]
+        assert zero["passes"] == 1.5 * k and zero["training"]["from"] == "zero" and len(zero["training"]["losses"]) == k
+        assert zero["eval_key"] == f"train:-:{k}" and zero["coefficients"] == {}
+        for h in ("entry", "family"):
+            ref = records[("math", h, f"refine/{k}")]
+            assert ref["training"]["from"] == "blend" and ref["blend"] and ref["passes"] > 1.5 * k
+            assert not set(ref["blend"]) & set(ref["excluded"])
+    rows = {r.label: r for r in summarize(read_scores(run.csv), "family")}
+    assert rows["train/2"].passes == 3.0 and rows["refine/1"].control == "refine"

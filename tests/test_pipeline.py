@@ -410,18 +410,29 @@ def test_ce_cost_benchmark_times_first_order_scoring_and_a_training_step(tiny_ba
     assert last["grad_rerank8_wall_s"] >= last["grad_top1_wall_s"] > 0 and last["train32_over_grad_rerank8"] > 0
 
 
-def test_demo_scores_base_generated_and_own_on_a_bank_task(tiny_bank, tmp_path, capfd):
-    """`lorablend demo` end to end (the README's main command), on the tiny bank with PyTorch."""
+def test_demo_runs_the_default_generate_on_family_out_tasks(tiny_bank, tmp_path, capfd):
+    """`lorablend demo` end to end (the README's main command), on the tiny bank with PyTorch: the fixed tasks,
+    each with its family left out, validated, scored beside the base model and the own LoRA, then the mean."""
     from test_errors import run_cli
 
-    task = Bank.open(tiny_bank).names[0]
+    from lorablend.demo import demo_tasks
+
+    bank = Bank.open(tiny_bank)
+    tasks = demo_tasks(bank)
+    assert tasks == ["animals", "code", "music"]  # the first task by name of the first families by name
     out = tmp_path / "demo-out"
-    code, stdout, err = run_cli(["demo", "--bank", str(tiny_bank), "--task", task, "--n", "3", "--out", str(out),
-                                 "--backend", "torch"], capfd)
+    code, stdout, err = run_cli(["demo", "--bank", str(tiny_bank), "--n", "3", "--out", str(out), "--backend", "torch"],
+                                capfd)
     assert code == 0, err
-    for row in ("base model", "generated adapter", "task's own LoRA"):
-        assert row in stdout
-    assert "PyTorch" in stdout, stdout
-    provenance = json.loads((out / "lorablend.json").read_text())
-    assert task not in {n for n, c in provenance["coefficients"].items() if c > 0}  # leave-one-out
-    assert (out / "adapter_model.safetensors").is_file()
+    flat = " ".join(stdout.split())
+    for word in tasks + ["base", "generated", "own LoRA", "mean", "PyTorch"]:
+        assert word in flat, stdout
+    for task in tasks:
+        provenance = json.loads((out / task / "lorablend.json").read_text())
+        family = bank.entry(task).family
+        used = {n for n, c in provenance["coefficients"].items() if c > 0}
+        assert used and not {n for n in used if bank.entry(n).family == family}  # the whole family left out
+        assert provenance["validation"]["written"] and provenance["metric"] == "js"
+    code, stdout, err = run_cli(["demo", "--bank", str(tiny_bank), "--task", "math", "--n", "2", "--out", str(out),
+                                 "--backend", "torch"], capfd)
+    assert code == 0 and (out / "math" / "adapter_model.safetensors").is_file() and "mean" not in stdout

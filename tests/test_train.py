@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_dataset_file
 
@@ -123,3 +124,85 @@ def test_train_step_benchmark_runs(tiny_model_dir, task_dir, capsys):
     assert [r["mode"] for r in rows[:2]] == ["labels", "target_loss"]
     assert abs(rows[0]["first_loss"] - rows[1]["first_loss"]) < 0.05  # bf16 autocast: close, not equal
     assert all(r["peak_rss_gb"] > 0 and r["cpu_s_per_step"] >= 0 for r in rows[:2]) and "rss_ratio" in rows[2]
+
+
+# --------------------------------------------------------------------------- #
+# Training from a blend (generate --refine-steps, the bench's refine/K)
+# --------------------------------------------------------------------------- #
+
+
+def _blend(tiny_bank):
+    from lorablend.bank import Bank
+    from lorablend.generate import combination
+
+    bank = Bank.open(tiny_bank)
+    return bank, combination(bank, {"math": 0.6, "code": 0.4, **{n: 0.0 for n in ("animals", "weather", "music")}},
+                             "svd")
+
+
+def test_a_lora_started_from_a_blend_holds_exactly_its_update(tiny_bank, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lorablend.train import TrainConfig, add_lora, lora_factors, refine_config, start_from
+
+    _, blend = _blend(tiny_bank)
+    cfg = refine_config(blend, TrainConfig())
+    assert cfg.r == max(f.rank for f in blend.values()) and cfg.alpha / cfg.r == TrainConfig().alpha / TrainConfig().r
+    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg, 0)
+    start_from(peft_model, blend)
+    got = lora_factors(peft_model)
+    assert set(got) == set(blend)
+    for m, f in blend.items():
+        np.testing.assert_allclose(got[m].delta(), f.delta(), rtol=1e-5, atol=1e-7)
+
+
+def test_refinement_is_deterministic_and_moves_from_the_blend(tiny_bank, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorablend.dataset import load_dataset
+    from lorablend.train import train_factors
+
+    bank, blend = _blend(tiny_bank)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = load_dataset(bank.dataset_path(bank.entry("music")), name="music").split("train")[:8]
+    runs = [train_factors(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, examples, 3, 0, blend)
+            for _ in range(2)]
+    (a, rec), (b, _) = runs
+    assert all(a[m].A.tobytes() == b[m].A.tobytes() and a[m].B.tobytes() == b[m].B.tobytes() for m in a)
+    assert rec["steps"] == 3 and rec["from"] == "blend" and len(rec["losses"]) == 3
+    moved = max(float(np.abs(a[m].delta() - blend[m].delta()).max()) for m in a)
+    assert moved > 1e-6
+
+
+def test_generate_refine_steps_trains_on_train_examples_only(tiny_bank, tmp_path, monkeypatch):
+    import json
+
+    from conftest import make_dataset_file
+    from lorablend import train
+    from lorablend.bank import Bank
+    from lorablend.dataset import load_dataset
+    from lorablend.generate import Setting, generate
+
+    seen = []
+    real = train.train_lora
+
+    def spy(model, tokenizer, examples, *a, **kw):
+        seen.extend(examples)
+        return real(model, tokenizer, examples, *a, **kw)
+
+    monkeypatch.setattr(train, "train_lora", spy)
+    ds = load_dataset(make_dataset_file(tmp_path / "mine.jsonl", "math", n=40, seed=4))
+    ds.splits.pop("valid", None)
+    setting = Setting(sketch="target-tokens", metric="js", top_k=1, rerank=3, combine="cat")
+    res = generate(Bank.open(tiny_bank), ds, tmp_path / "o", setting, validate=True, backend="torch", refine_steps=2)
+    held = [ds.split("train")[i] for i in res.verdict.examples["indices"]]
+    assert seen and not set(seen) & set(held)
+    saved = json.loads((res.out / "lorablend.json").read_text())
+    assert saved["refinement"]["steps"] == 2 and len(saved["refinement"]["losses"]) == 2
+    plain = generate(Bank.open(tiny_bank), ds, tmp_path / "p", setting, validate=True, backend="torch")
+    assert json.loads((plain.out / "lorablend.json").read_text())["refinement"] is None
+    zero = generate(Bank.open(tiny_bank), ds, tmp_path / "z", setting, validate=True, backend="torch", refine_steps=0)
+    assert (zero.out / "adapter_model.safetensors").read_bytes() == (plain.out / "adapter_model.safetensors").read_bytes()
+    again = generate(Bank.open(tiny_bank), ds, tmp_path / "q", setting, validate=True, backend="torch", refine_steps=2)
+    assert (again.out / "adapter_model.safetensors").read_bytes() == (res.out / "adapter_model.safetensors").read_bytes()
+    assert (again.out / "lorablend.json").read_bytes() == (res.out / "lorablend.json").read_bytes()
