@@ -412,7 +412,7 @@ class EntryPlan:
             return one_hot(n, min(usable, key=lambda j: (d[self.i, j], j))), info
         if slot.control == "best-ce":
             ce, per_candidate = self.ce()
-            info["model_s"], info["passes"] = per_candidate * len(usable), len(usable) + 1
+            info["model_s"], info["passes"] = per_candidate * len(usable), len(usable)
             return one_hot(n, min(usable, key=lambda j: (ce[self.bank.names[j]], j))), info
         setting = self.concrete(h, slot.spec)
         info.update(temperature=setting.temperature, top_k=setting.top_k)
@@ -499,10 +499,11 @@ class SlicedScorer:
     def __init__(self, plan: EntryPlan, names: list[str]):
         self.plan, self.names, self.seconds, self.passes = plan, names, 0.0, 0
 
-    def ce_row(self) -> np.ndarray:
+    def losses(self) -> np.ndarray:
+        """The cached ce values: the candidates' losses shifted by the base model's, which no operator sees."""
         ce, per_candidate = self.plan.ce()
         self.seconds += per_candidate * len(self.names)
-        self.passes += len(self.names) + 1  # and the base model's
+        self.passes += len(self.names)
         return np.array([ce[n] for n in self.names])
 
     def fit(self, init: np.ndarray, **kw) -> np.ndarray:

@@ -175,11 +175,15 @@ class MixtureScorer:
         with torch.inference_mode():
             return float(self._batch.loss(self.model, self.bf16))
 
-    def ce_row(self) -> np.ndarray:
-        """CE with each candidate alone, minus the base model's CE (lower = fits better)."""
+    def losses(self) -> np.ndarray:
+        """The loss with each candidate alone, one pass each: all a ranking needs (the operators are invariant to
+        a shift of the row, so the base model's loss, the same for every candidate, is not computed)."""
         n = len(self.weights)
-        base = self.loss(np.zeros(n))
-        return np.array([self.loss(np.eye(n)[i]) for i in range(n)]) - base
+        return np.array([self.loss(np.eye(n)[i]) for i in range(n)])
+
+    def ce_row(self) -> np.ndarray:
+        """CE with each candidate alone, minus the base model's CE (lower = fits better): the values, one pass more."""
+        return self.losses() - self.loss(np.zeros(len(self.weights)))
 
     def fit(self, init: np.ndarray, budget: int = 40, penalty: float = 0.01, seed: int = 0) -> np.ndarray:
         """Gradient-free search of mixture weights (Nelder–Mead on softmax logits), started at `init`.

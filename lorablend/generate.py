@@ -94,9 +94,10 @@ class Setting:
 
 
 PAPER_SETTING = Setting()  # the paper's input-token JS softmin, with lorablend's exact combination
-# The bench's best at its cost on labelled examples (docs/RESULTS-labelled.md, README "Which setting"): the 8 bank
-# adapters with the lowest first-order loss change (one backward pass), then the one with the lowest ce of those.
-DEFAULT_SETTING = Setting(sketch="tokens", metric="grad", top_k=1, rerank=8)
+# The bench's best at its cost on labelled examples (docs/RESULTS-labelled.md, README "Which setting"): the 4 bank
+# adapters with the lowest first-order loss change (one backward pass) and the 4 nearest by answer-token JS, then the
+# one of those with the lowest ce.
+DEFAULT_SETTING = Setting(sketch="target-tokens", metric="grad+js", top_k=1, rerank=8)
 
 
 @dataclass
@@ -210,7 +211,7 @@ def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[
     try:
         if setting.metric == "ce" or setting.rerank:
             d = np.full_like(d, np.inf)
-            d[candidates] = scorer.ce_row()
+            d[candidates] = scorer.losses()
         if setting.operator != "fit":
             return coefficients(d, setting.operator, setting.temperature, setting.top_k)
         start = coefficients(d, "normalized", setting.temperature, setting.top_k)

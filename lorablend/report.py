@@ -417,8 +417,7 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
         if against:
             lines += [f"### Against `{REFERENCE}` (holdout {h})", "",
                       "Paired by entry. passes: forward-pass equivalents of the base model over the 16 train examples "
-                      "(ce: one per candidate plus the base model's; grad: one forward and one backward pass, 3; fit: "
-                      "its evaluations); the figure of merit is gap recovered per pass.", "", against, ""]
+                      "(ce: one per candidate; grad: one forward and one backward pass, 3; fit: its evaluations); the figure of merit is gap recovered per pass.", "", against, ""]
         if recall_csv.exists() and recall_table(recall_csv, h):
             lines += [f"### Retrieval recall (holdout {h})", "",
                       "Share of entries whose exact-ce best adapter (the *best-ce* control, found with a forward pass "

@@ -432,7 +432,7 @@ def test_demo_runs_the_default_generate_on_family_out_tasks(tiny_bank, tmp_path,
         family = bank.entry(task).family
         used = {n for n, c in provenance["coefficients"].items() if c > 0}
         assert used and not {n for n in used if bank.entry(n).family == family}  # the whole family left out
-        assert provenance["validation"]["written"] and provenance["metric"] == "grad"
+        assert provenance["validation"]["written"] and provenance["metric"] == "grad+js"
     code, stdout, err = run_cli(["demo", "--bank", str(tiny_bank), "--task", "math", "--n", "2", "--out", str(out),
                                  "--backend", "torch"], capfd)
     assert code == 0 and (out / "math" / "adapter_model.safetensors").is_file() and "mean" not in stdout

@@ -155,7 +155,7 @@ def test_cli_default_runs_the_best_setting_and_prints_the_verdict(tiny_bank, tmp
     out = " ".join(capfd.readouterr().out.split())
     assert code == 0, out
     saved = json.loads((tmp_path / "o" / "lorablend.json").read_text())
-    assert saved["metric"] == "grad" and saved["sketch"] == "tokens" and saved["rerank"] == 4
+    assert saved["metric"] == "grad+js" and saved["sketch"] == "target-tokens" and saved["rerank"] == 4
     assert "validation:" in out and "gain of the written adapter" in out and "chosen" in out
     assert _cli(["generate", "--bank", tiny_bank, "--dataset", data, "--out", tmp_path / "p", "--setting", "paper",
                  "--no-validate"]) == 0
