@@ -600,7 +600,7 @@ class RecordStore:
         with open(csv_path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         for row in rows:
-            rec = {k: (None if v == "" else int(v) if k in ints else float(v) if k in floats else v)
+            rec = {k: (v if k not in ints + floats else None if v == "" else int(v) if k in ints else float(v))
                    for k, v in row.items()}
             rec.update(reused=row.get("reused") == "True", coefficients={}, answers=None, restored=True)
             self.write(rec)

@@ -19,7 +19,7 @@ from .evaluate import Scores, answers_with, load_for_eval, max_new_tokens_for
 from .generate import DEFAULT_SETTING, Setting, generate
 from .validate import Verdict
 
-DEMO_TASKS = 3  # families in the demo: about a minute each on 2 cores with SmolLM2 (README)
+DEMO_TASKS = 3  # families in the demo: 80-160 s each on 2 cores with SmolLM2 (README)
 
 
 def demo_tasks(bank: Bank, k: int = DEMO_TASKS) -> list[str]:

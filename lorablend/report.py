@@ -433,17 +433,19 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
         bar_chart(summaries, bars)
         lines += ["## Figures", "", f"![mean Rouge-L per setting and control]({bars.name})", ""]
         compute = out_md.with_name(out_md.stem + "-compute.png")
-        # train/K and refine/K rows cover the entries of --train-steps runs only: the plot compares the means it is
-        # given, so the report says over how many entries each curve is
-        if compute_plot(summaries, compute):
-            counts = sorted({(r.control, r.entries) for rows in summaries.values() for r in rows
-                             if r.control in ("train", "refine")})
+        # --train-steps runs cover some entries only: with curves, every point is a mean over those same entries
+        curved = sorted({r["entry"] for r in rows if r["control"] == "train"})
+        same = [r for r in rows if r["entry"] in curved] if curved else rows
+        if compute_plot({h: summarize(same, h, seed) for h in holdouts}, compute):
             lines += [f"![mean Rouge-L against compute]({compute.name})", "",
-                      "Quality against compute: every setting with a model-based step and the training curves, in "
-                      "forward-pass equivalents of the base model over the 16 train examples (a ce candidate is 1, a "
-                      "backward pass 2, a training step on a batch of 8 of those examples 3 × 8/16 = 1.5). Compute in "
-                      "these units does not depend on the base model's size. Entries per curve: "
-                      + (", ".join(f"{k} {n}" for k, n in counts) or "no training curve in this run") + ".", ""]
+                      "Quality against compute: every setting with a model-based step and the training curves "
+                      "(`train/K`: a LoRA trained K steps of the bank's recipe from zero on the 16 train examples the "
+                      "model-aware settings see; `refine/K`: the same from the default setting's blend), in "
+                      "forward-pass equivalents of the base model over those examples (a ce candidate is 1, a "
+                      "backward pass 2, a training step on a batch of 8 of them 3 × 8/16 = 1.5; refine/K adds its "
+                      "blend's). These units do not depend on the base model's size. "
+                      + (f"Every point is a mean over the {len(curved)} entries with training curves: "
+                         + ", ".join(curved) + "." if curved else "No training curve in this run."), ""]
         best = best_setting(summaries[holdouts[0]])
         coefs_path = csv_path.with_name("coefficients.json")
         if best is not None and coefs_path.exists():

@@ -480,6 +480,8 @@ def test_a_study_resumes_from_its_committed_scores_csv(tiny_bank, tmp_path):
     shutil.rmtree(results / "records")
     grown = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",),
                                   **{**FAST, "settings": SETTINGS + ("tokens/kl/normalized/svd/T1",)}))
+    restored = [r for r in RecordStore(results).all() if r.get("restored")]
+    assert {r["control"] for r in restored} >= {"", "base"} and all(r["rank"] is None or r["rank"] > 0 for r in restored)
     new = [r for r in RecordStore(results).all() if not r.get("restored")]
     assert grown.written == len(new) > 0 and {r["label"] for r in new} >= {"tokens/kl/normalized/svd/T1"}
     assert set(before.splitlines()) <= set(grown.csv.read_text().splitlines())
