@@ -444,23 +444,32 @@ class EntryPlan:
     def trained(self, slot: Slot) -> tuple[dict, dict]:
         """A LoRA trained for `slot.steps` steps of the bank's recipe on the first CE_EXAMPLES train examples: from
         zero, or from the default setting's blend under the slot's holdout (whose passes it adds to its own)."""
-        from .generate import DEFAULT_SETTING, combination
+        from .models import load_tokenizer
         from .train import train_factors
 
         init, info = None, {"passes": TRAIN_STEP_PASSES * slot.steps, "model_s": 0.0}
         if slot.control == "refine":
-            spec = Spec(DEFAULT_SETTING)
-            c, blend = self.coefficients(Slot(slot.holdout, spec.label, "", spec, DEFAULT_SETTING.combine))
-            init = combination(self.bank, {n: float(w) for n, w in zip(self.bank.names, c)}, DEFAULT_SETTING.combine,
-                               readers=_readers(self.bank))
+            init, c, blend = self.blend(slot.holdout)
             info.update(excluded=blend["excluded"], model_s=blend["model_s"], passes=info["passes"] + blend["passes"],
                         blend={n: float(w) for n, w in zip(self.bank.names, c) if w > 0})
         with training_model(self.bank.manifest.base_model) as model:
-            factors, record = train_factors(model, _tokenizer(self.bank), self.dataset.split("train")[:CE_EXAMPLES],
-                                            slot.steps, self.seed, init)
+            factors, record = train_factors(model, load_tokenizer(self.bank.manifest.base_model),
+                                            self.dataset.split("train")[:CE_EXAMPLES], slot.steps, self.seed, init)
         info["model_s"] += record["seconds"]
         info["training"] = record
         return factors, info
+
+    def blend(self, holdout: str):
+        """The default setting's adapter under this holdout: (its factors, its coefficients, its record info)."""
+        from .generate import DEFAULT_SETTING, combination
+
+        def make():
+            spec = Spec(DEFAULT_SETTING)
+            c, info = self.coefficients(Slot(holdout, spec.label, "", spec, DEFAULT_SETTING.combine))
+            return combination(self.bank, {n: float(w) for n, w in zip(self.bank.names, c)}, DEFAULT_SETTING.combine,
+                               readers=_readers(self.bank)), c, info
+
+        return self._cached(("blend", holdout), make)
 
     def recall(self, holdout: str, retriever: tuple[str, str], ms: tuple[int, ...]) -> list[dict]:
         """Whether the exact-ce best usable adapter is among the m candidates of a retriever ((sketch, metric)
@@ -525,15 +534,12 @@ class SlicedScorer:
 def with_first_order(bank: Bank, names: list[str], dataset, timing: dict) -> np.ndarray:
     """First-order scores of these adapters on the first CE_EXAMPLES train examples, on the worker's base model
     with cached bank factors; `timing` gets the backward pass's wall and CPU seconds."""
-    from .ce import FirstOrderScorer
-    from .models import load_tokenizer
+    from .generate import first_order_scorer
 
     readers = _readers(bank)
     with scoring_model(bank.manifest.base_model) as model:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        scorer = FirstOrderScorer(model, load_tokenizer(bank.manifest.base_model), readers[names[0]].modules,
-                                  dataset.split("train")[:CE_EXAMPLES])
-        timing.update(backward_s=time.perf_counter() - t0, backward_cpu_s=time.process_time() - cpu0)
+        scorer = first_order_scorer(bank, readers[names[0]].modules, dataset, CE_EXAMPLES, model)
+        timing.update(backward_s=scorer.seconds, backward_cpu_s=scorer.cpu_seconds)
         return scorer.scores([readers[n] for n in names])
 
 
@@ -739,12 +745,6 @@ def training_model(model_id: str):
 
         _WORKER.update(train_model=load_model(model_id), train_model_id=model_id)
     yield _WORKER["train_model"]
-
-
-def _tokenizer(bank: Bank):
-    from .models import load_tokenizer
-
-    return load_tokenizer(bank.manifest.base_model)
 
 
 def slot_model(model_id: str, modules: list[str], slots: int, rank: int) -> SlotModel:

@@ -21,6 +21,7 @@ has ~66× SmolLM2's non-embedding weights: ~2–7 CPU-min per candidate, estimat
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,6 +236,7 @@ class FirstOrderScorer:
                  tokens: int = FIRST_ORDER_TOKENS):
         import torch
 
+        t0, cpu0 = time.perf_counter(), time.process_time()
         full = encode(tokenizer, examples, fmt, share_prefix)
         weights = {m: model.get_submodule(m).weight for m in modules}
         flags = {p: p.requires_grad for p in model.parameters()}
@@ -259,6 +261,7 @@ class FirstOrderScorer:
                 if ends:
                     torch.autograd.backward([t for t, _ in ends], [g for _, g in ends])
             self.gradients = {m: w.grad for m, w in weights.items()}
+            self.seconds, self.cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0  # the backward pass
         finally:
             for w in weights.values():
                 w.grad = None

@@ -536,7 +536,7 @@ def generate_cmd(
     setting.check()
     b = Bank.open(bank)
     if defaulted and setting.rerank:  # the default's candidate count fits a bank smaller than the default one
-        setting = replace(setting, rerank=max(1, min(setting.rerank, len(b.entries) - 1)))
+        setting = setting.capped(len(b.entries) - 1)
     ds = load_dataset(dataset, seed=seed)
     with console.status(f"generating an adapter from {len(b.entries)} bank entries ({setting.label})"):
         result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,

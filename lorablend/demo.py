@@ -10,7 +10,7 @@ was seen: the first task by name of each of the first families by name.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bank import Bank
@@ -50,10 +50,8 @@ def run_demo(tasks: list[str], bank: str = "default", out: Path | None = None, n
         entry = b.entry(task)
         dataset = load_dataset(b.dataset_path(entry), name=task)
         left = len([e for e in b.entries if e.family != entry.family or (entry.family is None and e.name != task)])
-        # the default's candidate count fits a bank smaller than the default one (generate refuses more)
-        chosen = replace(setting, rerank=max(1, min(setting.rerank, left))) if setting.rerank else setting
         say(f"{task}: generating an adapter from the {left} entries outside its family, then validating")
-        result = generate(b, dataset, out / task, chosen, exclude_family=True, force=True, validate=True,
+        result = generate(b, dataset, out / task, setting.capped(left), exclude_family=True, force=True, validate=True,
                           backend=backend)
         say(f"{task}: answering test examples with the base model, the adapter and the task's own LoRA")
         model, tokenizer = load_for_eval(b.manifest.base_model, {"generated": str(result.out),

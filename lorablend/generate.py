@@ -70,6 +70,11 @@ class Setting:
             raise InputError("the neural operator is fitted on a distributional metric; drop --rerank / --metric "
                              f"{self.metric}")
 
+    def capped(self, candidates: int) -> "Setting":
+        """The setting with --rerank at most `candidates` (a fixed default meeting a smaller bank; an explicit
+        --rerank above the bank is refused instead, by `generate`)."""
+        return replace(self, rerank=max(1, min(self.rerank, candidates))) if self.rerank else self
+
     @property
     def distance(self) -> str | None:
         """The distributional metric the setting measures (js for grad+js), None for ce and grad."""
@@ -125,7 +130,7 @@ class Provenance:
     timings: dict[str, float] = field(default_factory=dict)
     calibration: dict | None = None  # --auto: the (T, top-k) chosen on the bank and their reconstruction loss
     validation: dict | None = None  # the candidates' scores on held-out examples and the one written (validate.py)
-    refinement: dict | None = None  # --refine-steps: the training steps run from the blend, their seconds and losses
+    refinement: dict | None = None  # --refine-steps: the training steps run from the blend and their losses
 
 
 # --------------------------------------------------------------------------- #
@@ -226,7 +231,7 @@ def retrieve(metric: str, d: np.ndarray, g: np.ndarray | None, m: int) -> np.nda
     """The indices of the (at most) m candidates a retriever keeps: the m nearest by the distance `d`, the m
     lowest first-order scores `g` (metric grad), or the union of both halves (grad+…); inf = excluded."""
     row = g if metric == "grad" else retrieve_union(g, d, m) if metric in UNIONS else d
-    return np.flatnonzero(np.isfinite(keep_top_k(row, min(m, int(np.isfinite(row).sum())))))
+    return np.flatnonzero(np.isfinite(keep_top_k(row, m)))
 
 
 def retrieve_union(g: np.ndarray, d: np.ndarray, m: int) -> np.ndarray:
@@ -235,8 +240,7 @@ def retrieve_union(g: np.ndarray, d: np.ndarray, m: int) -> np.ndarray:
     out = np.full_like(d, np.inf)
     for row, k in ((g, (m + 1) // 2), (d, m // 2)):
         if k:
-            top = np.isfinite(keep_top_k(row, min(k, int(np.isfinite(row).sum()))))
-            out[top] = 0.0
+            out[np.isfinite(keep_top_k(row, k))] = 0.0
     return out
 
 
@@ -276,16 +280,22 @@ def mixture_scorer(bank: Bank, names: list[str], dataset: Dataset, k: int, *, mo
     return MixtureScorer(model, load_tokenizer(bank.manifest.base_model), [readers[n] for n in names], examples)
 
 
+def first_order_scorer(bank: Bank, modules: list[str], dataset: Dataset, k: int, model) -> FirstOrderScorer:
+    """The backward pass on the first k train examples (never another split), on a loaded base model."""
+    from .models import load_tokenizer
+
+    return FirstOrderScorer(model, load_tokenizer(bank.manifest.base_model), modules, dataset.split("train")[:k])
+
+
 def first_order_row(bank: Bank, names: list[str], dataset: Dataset, k: int, *, model=None,
                     readers: dict | None = None) -> np.ndarray:
     """First-order Δce of these adapters on the first k train examples: one backward pass, then the bank
     streamed a module at a time."""
-    from .models import load_model, load_tokenizer
+    from .models import load_model
 
     readers = open_readers(bank, names) if readers is None else readers
     model = load_model(bank.manifest.base_model) if model is None else model
-    scorer = FirstOrderScorer(model, load_tokenizer(bank.manifest.base_model), readers[names[0]].modules,
-                              dataset.split("train")[:k])
+    scorer = first_order_scorer(bank, readers[names[0]].modules, dataset, k, model)
     return scorer.scores([readers[n] for n in names])
 
 

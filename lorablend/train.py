@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +147,6 @@ def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed
 
 def refine_config(init: dict, cfg: TrainConfig = TrainConfig()) -> TrainConfig:
     """The bank's recipe (learning rate, batch, schedule, alpha/r) on the modules and at the rank of `init`."""
-    from dataclasses import replace
-
     rank = max(f.rank for f in init.values())
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in init}))
     return replace(cfg, r=rank, alpha=cfg.alpha / cfg.r * rank, target_modules=targets)
@@ -188,10 +186,7 @@ def train_factors(model, tokenizer, examples: list[Example], steps: int, seed: i
                   fmt: PromptFormat = PromptFormat()) -> tuple[dict, dict]:
     """`steps` steps of the bank's recipe on `examples`, from zero or from `init` (its modules and rank): the
     trained factors and a record (steps, seconds, the loss of every step). `model` is given back unchanged."""
-    cfg = refine_config(init) if init is not None else TrainConfig()
-    from dataclasses import replace
-
-    cfg = replace(cfg, steps=steps)
+    cfg = replace(refine_config(init) if init is not None else TrainConfig(), steps=steps)
     losses: list[float] = []
     t0 = time.perf_counter()
     peft_model = train_lora(model, tokenizer, examples, cfg, seed, fmt, losses.append, init=init)
