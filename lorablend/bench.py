@@ -72,7 +72,8 @@ from .atomic import write_json
 from .bank import Bank
 from .errors import InputError
 from .ce import CE_EXAMPLES, FIRST_ORDER_PASSES
-from .generate import Setting, check_auto, coefficient_row, exclusions, mixture_scorer, open_readers, retrieve
+from .generate import (DEFAULT_SETTING, NEAREST, Setting, check_auto, coefficient_row, exclusions, mixture_scorer,
+                       open_readers, retrieve)
 
 HOLDOUTS = ("entry", "family")
 _PAPER_METRICS = ("wd", "kl", "js", "mmd")
@@ -112,7 +113,7 @@ DEFAULT_N = 4  # both default presets, both holdouts, 61 entries: 57.6 min on 2 
 DEFAULT_MAX_NEW_TOKENS = 32
 QUICK_N = 15  # the quick preset: one entry per family (10 on the default bank), holdout entry
 PRUNE = 1e-6
-CONTROLS = ("base", "own", "uniform", "random-k", "nearest", "best-ce", "train", "refine")
+CONTROLS = ("base", "own", "uniform", "random-k", "nearest", "best-ce", "train", "refine", "validated")
 TRAIN_STEP_PASSES = 1.5  # forward-pass equivalents of one training step: forward + backward of a batch of 8 of the 16
 
 
@@ -240,7 +241,21 @@ def slots_for(specs: list[Spec], holdouts: tuple[str, ...], train_steps: tuple[i
         slots += [Slot(h, f"nearest/{sk}/{m}", "nearest", sketch_metric=(sk, m)) for sk, m in dists]
         slots += [Slot(h, "best-ce", "best-ce", sketch_metric=("", "ce"))] if model_based else []
         slots += [Slot(h, f"refine/{k}", "refine", steps=k) for k in train_steps]
+        slots += [Slot(h, "validated", "validated", combine=DEFAULT_SETTING.combine)] if validating(specs) else []
     return slots
+
+
+def validating(specs: list[Spec]) -> bool:
+    """Whether the run holds `generate`'s validated selection: its candidates are the default setting's pick,
+    the nearest adapter, the uniform average and no adapter, so it comes with the default setting."""
+    return Spec(DEFAULT_SETTING).label in {s.label for s in specs}
+
+
+def candidate_specs(specs: list[Spec], train_steps: tuple[int, ...] = ()) -> list[Spec]:
+    """The settings whose coefficients the run computes: its own, plus the default for refine/K's blend and
+    the nearest adapter for validation."""
+    extra = ([Spec(DEFAULT_SETTING)] if train_steps else []) + ([Spec(NEAREST)] if validating(specs) else [])
+    return specs + extra
 
 
 @dataclass
@@ -461,7 +476,7 @@ class EntryPlan:
 
     def blend(self, holdout: str):
         """The default setting's adapter under this holdout: (its factors, its coefficients, its record info)."""
-        from .generate import DEFAULT_SETTING, combination
+        from .generate import combination
 
         def make():
             spec = Spec(DEFAULT_SETTING)
@@ -639,6 +654,14 @@ class EntryJob:
     train_steps: tuple[int, ...] = ()
 
 
+def validation_pool(dataset):
+    """The dataset validation may draw on: as it is when it has a valid split (`split_validation` takes that),
+    else without the first CE_EXAMPLES train examples, which the model-aware settings select on."""
+    if dataset.splits.get("valid"):
+        return dataset
+    return replace(dataset, splits={**dataset.splits, "train": dataset.split("train")[CE_EXAMPLES:]})
+
+
 def test_sample(dataset, n: int, seed: int) -> list:
     """A fixed, seeded sample of n test examples (in split order), the same for every setting and control."""
     test = dataset.split("test")
@@ -786,13 +809,13 @@ def run_entry(job: EntryJob, on_record=None) -> int:
     dataset = load_dataset(bank.dataset_path(entry), name=entry.name)
     plan = EntryPlan(bank, entry.name, dataset, job.matrices, Path(job.results) / "ce", job.seed, job.neural_hidden,
                      job.neural_epochs)
-    items = []
-    for slot in slots:
-        c, info = plan.coefficients(slot)
-        items.append((slot, c, info, eval_key(c, slot.combine, slot.rank, bank.names, slot)))
     # per evaluation, the record that was charged its cost (the largest seconds_adapter): cost_s reads it
     charged = sorted(done.values(), key=lambda r: r["seconds_adapter"])
     evaluator = EntryEvaluator(bank, entry, dataset, job, {r["eval_key"]: r for r in charged})
+    items = []
+    for slot in slots:
+        c, info = evaluator.validated(plan, slot.holdout) if slot.control == "validated" else plan.coefficients(slot)
+        items.append((slot, c, info, eval_key(c, slot.combine, slot.rank, bank.names, slot)))
     return evaluator.run(items, store, on_record)
 
 
@@ -850,9 +873,7 @@ class EntryEvaluator:
         t0 = time.perf_counter()
         adapters = {k: self.factors(k, recipes[k]) for k in keys if k != "base"}
         combining = time.perf_counter() - t0
-        rows = [(k, e) for k in keys for e in self.examples]
-        generate = self._llamacpp if self.job.backend == "llamacpp" else self._torch
-        answers, build, generating = generate(adapters, rows)
+        answers, build, generating = self.answer(adapters, keys, self.examples, self.budget)
         build = (combining + build) / max(1, len(adapters))
         for j, key in enumerate(keys):
             mine = answers[j * len(self.examples) : (j + 1) * len(self.examples)]
@@ -860,14 +881,60 @@ class EntryEvaluator:
                                "seconds_generate": round(generating / len(keys), 3),
                                "seconds_adapter": round(build if key != "base" else 0.0, 3)}
 
-    def _torch(self, adapters: dict, rows: list) -> tuple[list[str], float, float]:
+    def answer(self, adapters: dict, keys: list[str], examples: list, budget: int) -> tuple[list[str], float, float]:
+        """Every key's answers to the examples, key after key: (answers, seconds building, seconds generating)."""
+        generate = self._llamacpp if self.job.backend == "llamacpp" else self._torch
+        return generate(adapters, [(k, e) for k in keys for e in examples], budget)
+
+    def validated(self, plan: EntryPlan, holdout: str) -> tuple[np.ndarray | None, dict]:
+        """`generate`'s validated selection under this holdout: the default setting's pick, the nearest adapter,
+        the uniform average and no adapter answer the entry's validation examples (`split_validation`, as
+        `generate` takes them, never the test sample nor the train examples the settings saw); the best by
+        Rouge-L is the record's adapter (None: the
+        base model, what a user told "no gain" keeps). Its passes add the validation's tokens, prompts and
+        answers, in units of the 16 train examples' tokens."""
+        from .evaluate import max_new_tokens_for
+        from .prompts import prompt_ids, training_pair
+        from .validate import NO_ADAPTER, Candidate, choose, split_validation
+
+        names = self.bank.names
+        _, held, where = split_validation(validation_pool(plan.dataset), self.job.seed)
+        picks = [("setting's pick", Slot(holdout, Spec(DEFAULT_SETTING).label, "", Spec(DEFAULT_SETTING), "svd")),
+                 ("nearest", Slot(holdout, Spec(NEAREST).label, "", Spec(NEAREST), "svd")),
+                 ("uniform", Slot(holdout, uniform_label("svd", None), "uniform", None, "svd"))]
+        made = {}
+        for name, slot in picks:
+            c, info = plan.coefficients(slot)
+            made.setdefault(eval_key(c, "svd", None, names), (name, slot.label, c, info))
+        made["base"] = (NO_ADAPTER, "", None, {})
+        t0 = time.perf_counter()
+        keys = list(made)
+        adapters = {k: self.factors(k, (made[k][2], "svd", None)) for k in keys if k != "base"}
+        answers, _, _ = self.answer(adapters, keys, held, max_new_tokens_for(self.tokenizer, [e.target for e in held]))
+        per_key = {k: answers[j * len(held) : (j + 1) * len(held)] for j, k in enumerate(keys)}
+        by_name = {made[k][0]: k for k in keys}
+        verdict = choose([Candidate(n, label, None if c is None else {}) for n, label, c, _ in made.values()],
+                         lambda cand: per_key[by_name[cand.name]], held, where, uncertain=False,
+                         backend=self.job.backend, seed=self.job.seed)
+        seconds = time.perf_counter() - t0
+        prompts = sum(len(prompt_ids(self.tokenizer, e)) for e in held) * len(keys)
+        answered = sum(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        unit = sum(len(p) + len(t) for p, t in (training_pair(self.tokenizer, e)
+                                                 for e in plan.dataset.split("train")[:CE_EXAMPLES]))
+        _, _, c, info = made[by_name[verdict.chosen]]
+        pick = made[by_name["setting's pick"]][3]
+        return c, {"excluded": pick.get("excluded", []), "model_s": pick.get("model_s", 0.0) + seconds,
+                   "passes": pick.get("passes", 0) + round((prompts + answered) / unit, 2),
+                   "validation": {"chosen": verdict.chosen, "scores": verdict.scores, "examples": where, "n": verdict.n}}
+
+    def _torch(self, adapters: dict, rows: list, budget: int) -> tuple[list[str], float, float]:
         """Answers from the slot model: (answers, seconds filling slots, seconds generating)."""
         from .evaluate import generate_answers
 
         readers = _readers(self.bank)
         modules = next(iter(readers.values())).modules
         rank = max([f.rank for a in adapters.values() for f in a.values()] or [1])
-        sm = slot_model(self.bank.manifest.base_model, modules, self.per_chunk, rank)
+        sm = slot_model(self.bank.manifest.base_model, modules, max(self.per_chunk, len(adapters)), rank)
         slot_of = {}
         t0 = time.perf_counter()  # the slot model's first build (a model load) is no adapter's cost
         for j, (k, a) in enumerate(adapters.items()):
@@ -875,11 +942,11 @@ class EntryEvaluator:
             slot_of[k] = sm.names[j]
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        answers = generate_answers(sm.model, self.tokenizer, [e for _, e in rows], max_new_tokens=self.budget,
+        answers = generate_answers(sm.model, self.tokenizer, [e for _, e in rows], max_new_tokens=budget,
                                    batch_size=self.job.batch_size, adapter_names=[slot_of.get(k, "__base__") for k, _ in rows])
         return answers, build, time.perf_counter() - t0
 
-    def _llamacpp(self, adapters: dict, rows: list) -> tuple[list[str], float, float]:
+    def _llamacpp(self, adapters: dict, rows: list, budget: int) -> tuple[list[str], float, float]:
         """Answers from llama.cpp, each adapter written as a GGUF LoRA to a temporary dir and loaded
         (a few milliseconds for SmolLM2's q/v factors): (answers, seconds exporting, seconds generating)."""
         import tempfile
@@ -895,7 +962,7 @@ class EntryEvaluator:
             lm.load_gguf_adapters(files)
             build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        answers = lm.generate_answers(self.tokenizer, [e for _, e in rows], max_new_tokens=self.budget,
+        answers = lm.generate_answers(self.tokenizer, [e for _, e in rows], max_new_tokens=budget,
                                       adapter_names=[k if k in adapters else BASE for k, _ in rows])
         return answers, build, time.perf_counter() - t0
 
@@ -909,6 +976,7 @@ class EntryEvaluator:
         cost = ({"seconds_generate": ev["seconds_generate"], "seconds_adapter": ev["seconds_adapter"], "reused": False}
                 if fresh else {"seconds_generate": 0.0, "seconds_adapter": 0.0, "reused": True})
         s = slot.spec.setting if slot.spec else None
+        chosen = slot.control == "validated"  # the base model chosen by validation still cost the selection
         sketch, metric = slot.sketch_metric or ((s.sketch, s.metric) if s else ("", ""))
         return {
             "entry": self.entry.name, "family": self.entry.family, "holdout": slot.holdout, "label": slot.label,
@@ -916,11 +984,11 @@ class EntryEvaluator:
             "metric": metric, "combine": slot.combine or "", "rank": slot.rank,
             "temperature": info.get("temperature"), "top_k": info.get("top_k"), "eval_key": key,
             "max_new_tokens": self.budget, **{k: ev[k] for k in ("rouge_l", "rouge_lsum", "exact_match", "n", "answers")},
-            **cost, "cost_s": None if c is None else round(info.get("model_s", 0.0) + ev["seconds_adapter"], 3),
-            "passes": None if c is None else info.get("passes", 0),
+            **cost, "cost_s": None if c is None and not chosen else round(info.get("model_s", 0.0) + ev["seconds_adapter"], 3),
+            "passes": None if c is None and not chosen else info.get("passes", 0),
             "coefficients": {} if c is None or isinstance(c, dict) else {n: float(w) for n, w in zip(self.bank.names, c)
                                                                          if w > 0},
-            "training": info.get("training"), "blend": info.get("blend"),
+            "training": info.get("training"), "blend": info.get("blend"), "validation": info.get("validation"),
             "excluded": info.get("excluded", []), "neural_trained_on": info.get("neural_trained_on"),
         }
 
@@ -1038,10 +1106,8 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> BenchRun:
     reporter.start(sum(missing.values()))
     before, finished = store.count(), False
     try:
-        from .generate import DEFAULT_SETTING
-
-        blends = [Spec(DEFAULT_SETTING)] if cfg.train_steps else []  # refine/K starts from the default's blend
-        matrices = compute_matrices(bank, specs + blends, results / "matrices", cfg.seed, reporter.status)
+        matrices = compute_matrices(bank, candidate_specs(specs, cfg.train_steps), results / "matrices", cfg.seed,
+                                    reporter.status)
         if todo:
             jobs = [EntryJob(str(bank.root), e, [s.label for s in specs], holdouts, str(results), matrices, n,
                              cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.neural_hidden, cfg.neural_epochs,

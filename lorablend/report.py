@@ -30,6 +30,7 @@ MIN_GAP = 0.1
 RESAMPLES = 2000
 LEVEL = 0.95
 REFERENCE = "target-tokens/js/normalized/svd/T1/top1/rerank16"  # the model-aware setting new ones must match
+NEAREST = "target-tokens/js/normalized/svd/T1/top1"  # the label-free nearest adapter, a candidate of validation
 
 
 # --------------------------------------------------------------------------- #
@@ -119,11 +120,13 @@ def references(label: str, first: dict, labels: set[str]) -> dict[str, str]:
         refs["uniform"] = want if want in labels else uniforms[0]
     if first["control"] == "" and f"random-k/{label}" in labels:
         refs["random-k"] = f"random-k/{label}"
-    if first["control"] == "" and REFERENCE in labels:
+    if first["control"] in ("", "validated") and REFERENCE in labels:
         refs["reference"] = REFERENCE
     metric = first.get("metric", "")
     nearest = "best-ce" if metric == "ce" else f"nearest/{first.get('sketch', '')}/{metric}"
-    if first["control"] in ("", "random-k") and nearest in labels:
+    if first["control"] == "validated":  # one of its candidates: is the selection worth its validation?
+        refs["nearest"] = NEAREST if NEAREST in labels else "nearest/target-tokens/js"
+    if first["control"] in ("", "random-k") and nearest in labels and "nearest" not in refs:
         refs["nearest"] = nearest
     return {k: v for k, v in refs.items() if v != label}
 
@@ -150,7 +153,7 @@ def summarize(rows: list[dict], holdout: str, seed: int = 0) -> list[Row]:
             a = [per_entry[e]["rouge_l"] for e in pairs]
             b = [table[ref][e]["rouge_l"] for e in pairs]
             row.vs[kind] = (*wins_ties_losses(a, b), len(pairs))
-            if kind in ("base", "uniform", "reference"):
+            if kind in ("base", "uniform", "reference") or (kind == "nearest" and first["control"] == "validated"):
                 row.delta[kind] = paired_bootstrap(a, b, seed=seed)
         out.append(row)
     return sorted(out, key=lambda r: (r.control != "", -r.mean, r.label))
@@ -188,7 +191,7 @@ def _wtl(t: tuple[int, int, int, int] | None) -> str:
 def reference_table(summary: list[Row]) -> str:
     """Every setting against REFERENCE on the same entries: the score difference and the work it took."""
     ref = next((r for r in summary if r.label == REFERENCE), None)
-    rows = [r for r in summary if r.control == "" and "reference" in r.delta]
+    rows = [r for r in summary if r.control in ("", "validated") and "reference" in r.delta]
     if ref is None or not rows:
         return ""
     lines = [f"| setting | mean Rouge-L | Δ vs `{REFERENCE}` [95% CI] | W/T/L | passes | passes / reference's "
@@ -199,6 +202,20 @@ def reference_table(summary: list[Row]) -> str:
                      f"{_num(r.passes, '{:.1f}')} | {_num(r.passes / ref.passes if ref.passes > 0 else None, '{:.2f}')} "
                      f"| {_num(per_pass, '{:.4f}')} |")
     return "\n".join(lines)
+
+
+def validated_table(summary: list[Row]) -> str:
+    """The validated selection: its mean, the share of entries where it lands at or above the base model (within
+    TIE), and its paired differences with REFERENCE and the label-free nearest adapter."""
+    row = next((r for r in summary if r.control == "validated"), None)
+    if row is None or "base" not in row.vs:
+        return ""
+    w, t, _, pairs = row.vs["base"]
+    return "\n".join([
+        f"| mean Rouge-L | at or above base | Δ vs `{REFERENCE}` [95% CI] | Δ vs nearest [95% CI] | passes | entries |",
+        "|" + "---|" * 6,
+        f"| {row.mean:.3f} | {w + t}/{pairs} ({(w + t) / pairs:.0%}) | {_ci(row.delta.get('reference'))} | "
+        f"{_ci(row.delta.get('nearest'))} | {_num(row.passes, '{:.1f}')} | {row.entries} |"])
 
 
 def recall_table(recall_csv: Path, holdout: str) -> str:
@@ -276,7 +293,7 @@ def compute_plot(summaries: dict[str, list[Row]], path: Path) -> bool:
                 ax.plot(*zip(*curve), style, label=f"{kind}/K: LoRA trained K steps from "
                         + ("zero" if kind == "train" else "the default blend"))
         for r in summary:
-            if r.control in ("", "best-ce") and r.passes > 0:
+            if r.control in ("", "best-ce", "validated") and r.passes > 0:
                 ax.plot(r.passes, r.mean, "^" if r.control == "" else "v", color="#c44e52")
                 ax.annotate(r.label.replace("normalized/svd/T1/", ""), (r.passes, r.mean), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
@@ -405,7 +422,11 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
         "Settings are in `code`, controls in *italics*: *base* (no adapter), *own* (the entry's own adapter), "
         "*uniform* (uniform average of the other adapters), *random-k* (k random other adapters, uniform weights, "
         "seeded; k = the setting's top-k), *nearest* (the single nearest other adapter by the setting's distance), "
-        "*best-ce* (the single other adapter with the lowest ce on the entry's first 16 train examples). "
+        "*best-ce* (the single other adapter with the lowest ce on the entry's first 16 train examples), "
+        "*validated* (`lorablend generate`'s validated selection: the default setting's pick, the nearest adapter "
+        f"`{NEAREST}`, the uniform average and no adapter answer up to 32 of the entry's valid examples, and the "
+        "best by Rouge-L is scored; when no adapter wins, the base model is, as a user told there is no gain would "
+        "keep it; its passes add the validation's prompt and answer tokens). "
         f"W/T/L: entries won / tied (|Δ| < {TIE}) / lost. Intervals: paired bootstrap over entries, "
         f"{RESAMPLES} resamples, seeded. Gap recovered: over entries whose own adapter beats the base model by at "
         f"least {MIN_GAP} Rouge-L (listed below: the others).", ""]
@@ -418,6 +439,12 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
             lines += [f"### Against `{REFERENCE}` (holdout {h})", "",
                       "Paired by entry. passes: forward-pass equivalents of the base model over the 16 train examples "
                       "(ce: one per candidate; grad: one forward and one backward pass, 3; fit: its evaluations); the figure of merit is gap recovered per pass.", "", against, ""]
+        chosen = validated_table(summaries[h])
+        if chosen:
+            lines += [f"### Validated selection (holdout {h})", "",
+                      "What `lorablend generate` writes by default, scored on the test sample: the candidate that won "
+                      "on the entry's valid examples (see *validated* above). At or above base: within "
+                      f"{TIE} Rouge-L or better.", "", chosen, ""]
         if recall_csv.exists() and recall_table(recall_csv, h):
             lines += [f"### Retrieval recall (holdout {h})", "",
                       "Share of entries whose exact-ce best adapter (the *best-ce* control, found with a forward pass "

@@ -505,3 +505,36 @@ def test_training_curves_from_zero_and_from_the_blend(tiny_bank, tmp_path):
             assert not set(ref["blend"]) & set(ref["excluded"])
     rows = {r.label: r for r in summarize(read_scores(run.csv), "family")}
     assert rows["train/2"].passes == 3.0 and rows["refine/1"].control == "refine"
+
+
+def test_validated_selection_picks_on_valid_examples_and_scores_its_pick_on_test(tiny_bank, tmp_path):
+    from lorablend.generate import DEFAULT_SETTING, NEAREST
+    from lorablend.report import read_scores, summarize, validated_table
+
+    results = tmp_path / "r"
+    default, nearest = parse_setting(DEFAULT_SETTING.label).label, parse_setting(NEAREST.label).label
+    run = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math", "code"),
+                                **{**FAST, "settings": (default, NEAREST.label)}))
+    records = {(r["entry"], r["holdout"], r["label"]): r for r in RecordStore(results).all()}
+    assert run.written == run.total == len(records)
+    bank = Bank.open(tiny_bank)
+    for entry in ("math", "code"):
+        from lorablend.dataset import load_dataset
+
+        ds = load_dataset(bank.dataset_path(bank.entry(entry)), name=entry)
+        seen = {e.input for e in ds.split("train")[:16]} | {e.input for e in bench.test_sample(ds, 3, 0)}
+        for h in ("entry", "family"):
+            rec = records[(entry, h, "validated")]
+            val = rec["validation"]
+            pool = bench.validation_pool(ds).split(val["examples"]["split"])
+            held = {pool[i].input for i in val["examples"]["indices"]}
+            assert held and not held & seen  # never the test sample nor what the settings selected on
+            assert val["scores"][val["chosen"]] == max(val["scores"].values())
+            candidates = {"setting's pick": records[(entry, h, default)], "nearest": records[(entry, h, nearest)],
+                          "uniform": records[(entry, h, "uniform/svd")], "no adapter": records[(entry, "-", "base")]}
+            pick = candidates[val["chosen"]]
+            assert rec["eval_key"] == pick["eval_key"] and rec["rouge_l"] == pick["rouge_l"]
+            assert rec["passes"] > records[(entry, h, default)]["passes"]
+    summary = summarize(read_scores(run.csv), "entry")
+    row = next(r for r in summary if r.label == "validated")
+    assert row.control == "validated" and "nearest" in row.delta and "at or above base" in validated_table(summary)
