@@ -616,8 +616,9 @@ class RecordStore:
         coefficients (`restored`: true); a new record of the same adapter reuses their scores."""
         import csv
 
-        ints, floats = ("rank", "top_k", "n", "max_new_tokens", "passes"), (
-            "temperature", "rouge_l", "rouge_lsum", "exact_match", "seconds_generate", "seconds_adapter", "cost_s")
+        ints, floats = ("rank", "top_k", "n", "max_new_tokens"), (
+            "temperature", "rouge_l", "rouge_lsum", "exact_match", "seconds_generate", "seconds_adapter", "cost_s",
+            "passes")  # passes: 1.5 per training step
         with open(csv_path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         for row in rows:
