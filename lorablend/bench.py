@@ -616,14 +616,16 @@ class RecordStore:
         coefficients (`restored`: true); a new record of the same adapter reuses their scores."""
         import csv
 
-        ints, floats = ("rank", "top_k", "n", "max_new_tokens"), (
-            "temperature", "rouge_l", "rouge_lsum", "exact_match", "seconds_generate", "seconds_adapter", "cost_s",
-            "passes")  # passes: 1.5 per training step
+        ints, floats = ("rank", "top_k", "n", "max_new_tokens", "passes"), (
+            "temperature", "rouge_l", "rouge_lsum", "exact_match", "seconds_generate", "seconds_adapter", "cost_s")
+
+        def number(k: str, v: str):  # passes are whole but for training (1.5 a step) and validation
+            return None if v == "" else int(v) if k in ints and v.lstrip("-").isdigit() else float(v)
+
         with open(csv_path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         for row in rows:
-            rec = {k: (v if k not in ints + floats else None if v == "" else int(v) if k in ints else float(v))
-                   for k, v in row.items()}
+            rec = {k: (v if k not in ints + floats else number(k, v)) for k, v in row.items()}
             rec.update(reused=row.get("reused") == "True", coefficients={}, answers=None, restored=True)
             self.write(rec)
         return len(rows)
