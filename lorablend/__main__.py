@@ -1,3 +1,3 @@
-from .cli import main
+from lorablend.cli import main
 
 main()

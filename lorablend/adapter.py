@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from .combine import Factors
-from .errors import InputError
+from lorablend.combine import Factors
+from lorablend.errors import InputError
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -263,13 +263,15 @@ def write_adapter(
         for ab, arr in (("A", f.A * np.float32(f.scale) if f.scale != 1 else f.A), ("B", f.B)):
             tensors[f"{PREFIX}{m}.lora_{ab}.weight"] = arr
     if np_dtype is None:
-        _save_bf16(tensors, out_dir / WEIGHTS)
+        save_bf16(tensors, out_dir / WEIGHTS)
     else:
         save_file({k: np.ascontiguousarray(v, dtype=np_dtype) for k, v in tensors.items()}, str(out_dir / WEIGHTS))
 
 
-def _save_bf16(tensors: dict, path: Path) -> None:
+def save_bf16(tensors: dict, path: Path) -> None:
+    """numpy or torch tensors saved as bf16 safetensors (numpy has no bf16)."""
     import torch
     from safetensors.torch import save_file as save_torch
 
-    save_torch({k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) for k, v in tensors.items()}, str(path))
+    save_torch({k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v).to(torch.bfloat16)
+                .contiguous() for k, v in tensors.items()}, str(path))

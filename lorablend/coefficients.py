@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, suggest
+from lorablend.errors import InputError, suggest
 
 OPERATORS = ("attentional", "normalized", "neural")
 
@@ -67,7 +67,7 @@ def check_count(option: str, value: int, n_candidates: int) -> None:
         raise InputError(f"{option} must be between 1 and {n_candidates} (the candidate entries), got {value}")
 
 
-def coefficients(
+def apply_operator(
     d: np.ndarray,
     operator: str = "normalized",
     temperature: float = 1.0,
@@ -182,7 +182,7 @@ class NeuralOperator:
 
         from safetensors.torch import save
 
-        from .atomic import atomic_file, write_json
+        from lorablend.atomic import atomic_file, write_json
 
         blob = save({k: v.contiguous() for k, v in self.net.state_dict().items()})
         with atomic_file(path.with_suffix(".safetensors")) as fh:
@@ -194,7 +194,7 @@ class NeuralOperator:
     def load(cls, path: Path) -> "NeuralOperator":
         from safetensors.torch import load
 
-        from .atomic import sha256_file
+        from lorablend.atomic import sha256_file
 
         cfg_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
         if not cfg_path.exists():

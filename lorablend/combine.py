@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import suggest
+from lorablend.errors import suggest
 
 METHODS = ("paper", "cat", "svd")
 
@@ -171,7 +171,7 @@ def combine_svd(factors: Sequence[Factors], coefs, rank: int) -> Factors:
     return _out((sign * root)[:, None] * right, left * (sign * root))
 
 
-def combine(method: str, factors: Sequence[Factors], coefs, rank: int | None = None) -> Factors:
+def combine_factors(method: str, factors: Sequence[Factors], coefs, rank: int | None = None) -> Factors:
     """Dispatch by method name; `rank` is required for 'svd' and ignored otherwise."""
     if method == "svd":
         if rank is None:

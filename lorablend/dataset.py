@@ -17,11 +17,11 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_file
-from .errors import InputError
+from lorablend.atomic import atomic_file
+from lorablend.errors import InputError
 
 SPLITS = ("train", "valid", "test")
-_SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
 INPUT_KEYS = ("input", "inputs", "prompt", "question")
 OUTPUT_KEYS = ("output", "outputs", "target", "targets", "answer", "completion")
 INSTRUCTION_KEYS = ("instruction", "task_prefix", "definition")
@@ -151,11 +151,11 @@ def _example(record, where: str, instruction: str = "") -> tuple[Example, str | 
     outputs = tuple(_text(o, where, out_key) for o in outputs)
     _, instr = _pick(record, INSTRUCTION_KEYS)
     split = record.get("split")
-    if split is not None and str(split).lower() not in _SPLIT_ALIASES:
+    if split is not None and str(split).lower() not in SPLIT_ALIASES:
         raise InputError(f"{where}: unknown split '{_short(split)}'; use one of train, valid, test")
     return (
         Example(_text(inp, where, in_key), outputs, _text(instr, where, "instruction") if instr else instruction),
-        _SPLIT_ALIASES[str(split).lower()] if split is not None else None,
+        SPLIT_ALIASES[str(split).lower()] if split is not None else None,
     )
 
 

@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bank import Bank
-from .dataset import load_dataset
-from .evaluate import Scores, answers_with, load_for_eval, max_new_tokens_for
-from .generate import DEFAULT_SETTING, Setting, generate
-from .validate import Verdict
+from lorablend.bank.manifest import Bank
+from lorablend.dataset import load_dataset
+from lorablend.generate import generate
+from lorablend.runtime.evaluate import Scores, answers_with, load_for_eval, max_new_tokens_for
+from lorablend.settings import DEFAULT_SETTING, Setting
+from lorablend.validate import Verdict
 
-DEMO_TASKS = 3  # families in the demo: 80-160 s each on 2 cores with SmolLM2 (README)
+DEMO_TASKS = 3  # families in the demo (its timing: docs/GUIDE.md)
 
 
 def demo_tasks(bank: Bank, k: int = DEMO_TASKS) -> list[str]:

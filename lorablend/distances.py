@@ -307,7 +307,7 @@ def measure(metric: str, query, bank, *, codebook=None, seed: int = 0) -> np.nda
     (seed, row), so results are reproducible (the paper's sampling was not).
     """
     if metric not in METRICS:
-        from .errors import suggest
+        from lorablend.errors import suggest
 
         raise suggest(metric, METRICS, "metric")
     if np.ndim(query) == 1:

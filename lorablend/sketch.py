@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .atomic import atomic_file, write_json
-from .bank import Bank
-from .dataset import Dataset, Example, load_dataset
-from .errors import InputError
+from lorablend.atomic import atomic_file, write_json
+from lorablend.bank.manifest import Bank
+from lorablend.dataset import Dataset, Example, load_dataset
+from lorablend.distances import measure
+from lorablend.errors import InputError, suggest
 
 SKETCHES = ("tokens", "embeddings", "target-tokens", "target-embeddings")
 INDEX_VERSION = 1
@@ -115,7 +116,7 @@ class Sketcher:
 
     @property
     def tokenizer(self):
-        from .models import load_tokenizer
+        from lorablend.runtime.models import load_tokenizer
 
         try:
             return load_tokenizer(self.tokenizer_id)
@@ -129,7 +130,7 @@ class Sketcher:
 
     def sketch(self, kind: str, dataset: Dataset, manifest: IndexManifest | None) -> np.ndarray:
         """A token histogram (1-D) or an embedding cloud (2-D) of the dataset's train split."""
-        from .models import load_model, load_tokenizer
+        from lorablend.runtime.models import load_model, load_tokenizer
 
         target_only = kind.startswith("target-")
         train = dataset.split("train")
@@ -162,7 +163,7 @@ def read_manifest(bank: Bank) -> IndexManifest | None:
         raise InputError(f"{path}: unreadable index ({exc}); rebuild it with `lorablend bank index {bank.root}`") from None
 
 
-def _save_npz(path: Path, **arrays) -> None:
+def save_npz(path: Path, **arrays) -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     with atomic_file(path) as fh:
@@ -173,7 +174,6 @@ def load_sketches(bank: Bank, kind: str) -> tuple[IndexManifest, BankSketches]:
     """The cached bank side of `kind`; a clear error when the index is missing, stale or damaged."""
     bank.check_nonempty()
     if kind not in SKETCHES:
-        from .errors import suggest
 
         raise suggest(kind, SKETCHES, "sketch")
     manifest = read_manifest(bank)
@@ -189,7 +189,7 @@ def load_sketches(bank: Bank, kind: str) -> tuple[IndexManifest, BankSketches]:
         more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
         raise InputError(f"{bank.root}: index is stale for {stale[0]}{more}; run `lorablend bank index {bank.root}`")
     path = index_dir(bank) / f"{kind}.npz"
-    sk = _read_npz(path, kind, bank.root)
+    sk = read_sketches(path, kind, bank.root)
     names = sk.names
     order = {n: i for i, n in enumerate(names)}
     missing = [e.name for e in bank.entries if e.name not in order]
@@ -227,7 +227,7 @@ def build_index(bank: Bank, kinds: tuple[str, ...] = SKETCHES, encoder: str | No
                 rows.append(sketcher.sketch(kind, _entry_dataset(bank, e), manifest))
             if progress:
                 progress(kind, e.name)
-        _write_kind(bank, kind, rows)
+        write_sketches(bank, kind, rows)
         manifest.sketches.append(kind)
     manifest.sketches = sorted(set(manifest.sketches) | (set(old.sketches) - set(kinds) if old else set()))
     manifest.datasets = {e.name: e.files.get(e.dataset, "") for e in bank.entries}
@@ -246,7 +246,7 @@ def _entry_dataset(bank: Bank, entry) -> Dataset:
         raise InputError(f"entry {entry.name}: {exc}; or restore the file, or rebuild / re-import the entry") from None
 
 
-def _read_npz(path: Path, kind: str, root: Path) -> BankSketches:
+def read_sketches(path: Path, kind: str, root: Path) -> BankSketches:
     """The sketches in `path` (of the bank at `root`); a cut-short, damaged or inconsistent file is an
     InputError naming the fix."""
     try:
@@ -277,7 +277,7 @@ def _cached_rows(bank: Bank, kind: str) -> dict[str, np.ndarray]:
     if not path.exists():
         return {}
     try:
-        sk = _read_npz(path, kind, bank.root)
+        sk = read_sketches(path, kind, bank.root)
     except InputError:  # a damaged cache is what `bank index` is run to repair: recompute every row
         return {}
     if is_token_sketch(kind):
@@ -285,18 +285,39 @@ def _cached_rows(bank: Bank, kind: str) -> dict[str, np.ndarray]:
     return dict(zip(sk.names, sk.clouds))
 
 
-def _write_kind(bank: Bank, kind: str, rows: list[np.ndarray]) -> None:
+def write_sketches(bank: Bank, kind: str, rows: list[np.ndarray]) -> None:
     names = np.array(bank.names)
     path = index_dir(bank) / f"{kind}.npz"
     if is_token_sketch(kind):
         counts = sp.csr_matrix(np.vstack(rows).astype(np.int32))
-        _save_npz(path, names=names, data=counts.data, indices=counts.indices, indptr=counts.indptr,
+        save_npz(path, names=names, data=counts.data, indices=counts.indices, indptr=counts.indptr,
                   shape=np.array(counts.shape))
     else:
-        from .distances import fit_codebook
+        from lorablend.distances import fit_codebook
 
         offsets = np.cumsum([0] + [len(r) for r in rows])
         stacked = np.concatenate(rows)
         codebook = fit_codebook(stacked.astype(np.float64), CODEBOOK_SIZE, seed=0)
-        _save_npz(path, names=names, vectors=stacked.astype(np.float16), offsets=offsets,
+        save_npz(path, names=names, vectors=stacked.astype(np.float16), offsets=offsets,
                   codebook=codebook.astype(np.float32))
+
+
+def query_sketch(bank: Bank, sketch: str, dataset: Dataset):
+
+    manifest = read_manifest(bank)
+    sketcher = Sketcher(bank.manifest.tokenizer, manifest.encoder if manifest else bank.manifest.base_model)
+    return sketcher.sketch(sketch, dataset, manifest)
+
+
+def check_vocab(bank: Bank, sketch: str, sk: BankSketches, query) -> None:
+    """A token histogram must have the index's width: else the tokenizer changed since the bank was indexed."""
+    if sk.counts is not None and np.shape(query)[-1] != sk.counts.shape[1]:
+        raise InputError(
+            f"tokenizer {bank.manifest.tokenizer} has {np.shape(query)[-1]} tokens but the '{sketch}' index has "
+            f"{sk.counts.shape[1]}; re-index with `lorablend bank index {bank.root} --sketch {sketch}`"
+        )
+
+
+def distances_to_bank(sk: BankSketches, metric: str, query, seed: int = 0) -> np.ndarray:
+    bank_side = sk.counts if sk.counts is not None else sk.clouds
+    return measure(metric, query, bank_side, codebook=sk.codebook, seed=seed)

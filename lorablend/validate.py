@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import Dataset, Example
+from lorablend.dataset import Dataset, Example
 
 VALIDATION_EXAMPLES = 32  # examples scored per candidate: ~a few seconds each on SmolLM2 with llama.cpp
 FEW_EXAMPLES = 24  # below this many in all, the verdict is flagged as uncertain (its interval is wide)
@@ -67,7 +67,7 @@ def split_validation(dataset: Dataset, seed: int = 0, n: int = VALIDATION_EXAMPL
     source, pool = ("valid", valid) if valid else ("train", dataset.split("train"))
     k = min(n, len(pool)) if valid else min(n, len(pool) // 2)
     if k < 1:
-        from .errors import InputError
+        from lorablend.errors import InputError
 
         raise InputError(f"{dataset.source or dataset.name}: too few examples to validate on ({len(pool)} train, no "
                          "valid split); add examples, give a valid split, or pass --no-validate")
@@ -88,8 +88,8 @@ def choose(candidates: list[Candidate], answers_of, examples: list[Example], whe
     """Score every candidate with `answers_of(candidate) -> answers` and pick the best by mean Rouge-L.
     NO_ADAPTER must be one of them and wins ties (an adapter that only equals the base model does not help);
     among adapters, the earlier wins a tie."""
-    from .evaluate import rouge
-    from .report import paired_bootstrap
+    from lorablend.runtime.evaluate import rouge
+    from lorablend.stats import paired_bootstrap
 
     per_example, seconds = {}, {}
     for cand in candidates:
@@ -112,10 +112,10 @@ def validate(bank, candidates: list[Candidate], examples: list[Example], where: 
     """Build each candidate in a temporary dir, answer the validation examples with it and choose."""
     import tempfile
 
-    from .evaluate import answers_with, load_for_eval, max_new_tokens_for
-    from .generate import write_combination
-    from .llamacpp import resolve_backend
-    from .models import load_tokenizer
+    from lorablend.output import write_combination
+    from lorablend.runtime.evaluate import answers_with, load_for_eval, max_new_tokens_for
+    from lorablend.runtime.llamacpp import resolve_backend
+    from lorablend.runtime.models import load_tokenizer
 
     model_id = bank.manifest.base_model
     budget = max_new_tokens_for(load_tokenizer(model_id), [e.target for e in examples])

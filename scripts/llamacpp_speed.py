@@ -37,7 +37,7 @@ import numpy as np
 
 def micro(gguf: Path, threads: int) -> dict:
     """Prefill / decode tokens per CPU-second and per second of one GGUF file (see the module docstring)."""
-    from lorablend.llamacpp import LlamaCppModel
+    from lorablend.runtime.llamacpp import LlamaCppModel
 
     m = LlamaCppModel("smollm2", n_threads=threads, n_seq=8, gguf=gguf)
     rng = np.random.default_rng(0)
@@ -89,11 +89,11 @@ def main() -> None:
 
     import torch
 
-    from lorablend.bank import Bank
+    from lorablend.bank.manifest import Bank
     from lorablend.dataset import load_dataset
-    from lorablend.evaluate import answers_with, load_for_eval, max_new_tokens_for, rouge
-    from lorablend.llamacpp import N_SEQ, LlamaCppModel
-    from lorablend.models import load_tokenizer
+    from lorablend.runtime.evaluate import answers_with, load_for_eval, max_new_tokens_for, rouge
+    from lorablend.runtime.llamacpp import N_SEQ, LlamaCppModel
+    from lorablend.runtime.models import load_tokenizer
 
     configs = []  # (label, backend, threads, seqs, gguf)
     for c in args.configs.split(","):

@@ -1,24 +1,24 @@
-"""`lorablend bench` on the tiny bank: controls, holdouts, honest neural fits, model-based settings, resumption,
-report, Ray."""
+"""bench/ (plan, entry, evaluator, worker, executors, records, run): `lorablend bench` on the tiny bank: controls,
+holdouts, honest neural fits, model-based settings, resumption, Ray."""
 
 import json
 import random
 
 import numpy as np
 import pytest
+from conftest import FAST, SETTINGS
 
-from lorablend import bench
-from lorablend.bank import Bank
-from lorablend.bench import BenchConfig, RecordStore, parse_setting, run_bench
+from lorablend.bank.manifest import Bank
+from lorablend.bench import entry as bench_entry
+from lorablend.bench import plan as bench_plan
+from lorablend.bench.worker import WORKER
+from lorablend.bench.plan import BenchConfig
+from lorablend.bench.records import RecordStore
+from lorablend.bench.run import run_bench
 from lorablend.errors import InputError
+from lorablend.settings import parse_setting
 
-SETTINGS = (
-    "tokens/js/normalized/paper/T1",
-    "tokens/js/neural/paper/T1",
-    "embeddings/js/normalized/svd/auto",
-    "tokens/wd/attentional/svd/T1/top2",
-)
-FAST = dict(n=3, max_new_tokens=3, threads=1, presets=(), settings=SETTINGS)
+pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL_SETTINGS = (
     "tokens/ce/normalized/svd/T1/top2",
     "tokens/js/normalized/svd/T1/top2/rerank3",
@@ -31,33 +31,14 @@ GRAD_SETTINGS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is fastest on one thread; restore the session's count afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def study(tiny_bank, tmp_path_factory):
-    """One run over the whole tiny bank, both holdouts (shared by the read-only tests)."""
-    results = tmp_path_factory.mktemp("bench") / "results"
-    run = run_bench(BenchConfig(bank=str(tiny_bank), results=results, **FAST))
-    records = {(r["entry"], r["holdout"], r["label"]): r for r in RecordStore(results).all()}
-    return run, records, Bank.open(tiny_bank)
-
-
 def test_settings_parse_round_trip_and_presets():
-    for text in SETTINGS + MODEL_SETTINGS + bench.PRESETS["best"] + bench.PRESETS["labelled"] + ("embeddings/mmd/normalized/svd/auto/r4",
+    for text in SETTINGS + MODEL_SETTINGS + bench_plan.PRESETS["best"] + bench_plan.PRESETS["labelled"] + ("embeddings/mmd/normalized/svd/auto/r4",
                                                                         "tokens/kl/attentional/cat/T0.5/top3",
                                                                         "embeddings/js/normalized/svd/auto/rerank16/r4"):
         assert parse_setting(text).label == text
         assert parse_setting(parse_setting(text).label) == parse_setting(text)
-    assert len(bench.PRESETS["paper"]) == 12 and all("/paper/" in s for s in bench.PRESETS["paper"])
-    assert parse_setting("embeddings/js/normalized/svd/auto/rerank16").setting.rerank == 16
+    assert len(bench_plan.PRESETS["paper"]) == 12 and all("/paper/" in s for s in bench_plan.PRESETS["paper"])
+    assert parse_setting("embeddings/js/normalized/svd/auto/rerank16").rerank == 16
     for bad in ("tokens/js", "tokens/js/normalized/svd/X3", "tokens/js/neural/svd/auto", "tokens/js/normalized/svd/T1/auto",
                 "tokens/ce/normalized/svd/auto", "tokens/js/normalized/svd/rerankX", "tokens/ce/normalized/svd/T1/rerank4",
                 "tokens/js/fit/svd/auto"):
@@ -68,7 +49,7 @@ def test_settings_parse_round_trip_and_presets():
 def test_every_record_is_there(study):
     run, records, bank = study
     specs = [parse_setting(s) for s in SETTINGS]
-    expected = {(e, s.holdout, s.label) for e in bank.names for s in bench.slots_for(specs, ("entry", "family"))}
+    expected = {(e, s.holdout, s.label) for e in bank.names for s in bench_plan.slots_for(specs, ("entry", "family"))}
     assert set(records) == expected and run.written == run.total == len(expected)
     assert run.csv.exists() and (run.results / "coefficients.json").exists()
     assert not any(label == "best-ce" for _, _, label in records)  # no model-based setting, no ce control
@@ -111,7 +92,7 @@ def test_family_holdout_removes_the_family(study):
 
 
 def test_neural_is_never_trained_on_the_entry_it_scores(tiny_bank, tmp_path, monkeypatch):
-    from lorablend import metafit
+    from lorablend.bank import fit as metafit
 
     calls = []
     real = metafit.fit_meta
@@ -137,7 +118,7 @@ class Killed(Exception):
 
 
 def test_a_killed_run_resumes_without_recomputing(tiny_bank, tmp_path, monkeypatch):
-    from lorablend import evaluate
+    from lorablend.runtime import evaluate
 
     calls, real = [], evaluate.generate_answers
 
@@ -156,12 +137,12 @@ def test_a_killed_run_resumes_without_recomputing(tiny_bank, tmp_path, monkeypat
     root = tmp_path / "r" / "records"
     kept = {p.relative_to(root): p.read_text() for p in root.rglob("*.json")}
     assert 3 <= len(kept) < 2 * 5
-    from lorablend.bench import export
-    from lorablend.report import write_report
+    from lorablend.bench.records import export_csv
+    from lorablend.bench.report import write_report
 
     last = json.loads((tmp_path / "r" / "run.json").read_text())["runs"][-1]
     assert (last["finished"], last["records_present"], last["records_total"]) == (False, len(kept), 10)
-    report = write_report(export(RecordStore(tmp_path / "r"), tmp_path / "r"), tmp_path / "partial.md").read_text()
+    report = write_report(export_csv(RecordStore(tmp_path / "r"), tmp_path / "r"), tmp_path / "partial.md").read_text()
     assert f"**Incomplete:** {len(kept)} of the 10 records" in report
     calls.clear()
     fail_after = None
@@ -170,7 +151,7 @@ def test_a_killed_run_resumes_without_recomputing(tiny_bank, tmp_path, monkeypat
     distinct = len({(r["entry"], r["eval_key"]) for r in records})
     assert len(calls) == distinct - 3 and run.written == len(records) - len(kept) == 10 - len(kept)
     assert all((root / rel).read_text() == text for rel, text in kept.items())  # untouched
-    report = write_report(export(RecordStore(tmp_path / "r"), tmp_path / "r"), tmp_path / "full.md").read_text()
+    report = write_report(export_csv(RecordStore(tmp_path / "r"), tmp_path / "r"), tmp_path / "full.md").read_text()
     assert "Incomplete" not in report
     calls.clear()
     assert run_bench(cfg).written == 0 and calls == []  # a finished study computes nothing
@@ -185,15 +166,16 @@ def test_slots_give_the_same_model_as_loading_the_written_adapter(tiny_bank, tmp
     """The bench never writes its adapters: a slot filled with the combination must equal the PEFT files."""
     import torch
 
-    from lorablend.evaluate import load_for_eval
-    from lorablend.generate import combination, write_combination
+    from lorablend.bank.combination import combination
+    from lorablend.output import write_combination
+    from lorablend.runtime.evaluate import load_for_eval
 
     bank = Bank.open(tiny_bank)
     coefs = {"animals": 0.5, "code": 0.3, "music": 0.2, "math": 0.0, "weather": 0.0}
     write_combination(bank, coefs, tmp_path / "a", "svd", 3)
     peft_model, _ = load_for_eval(bank.manifest.base_model, {"a": str(tmp_path / "a")})
-    modules = combination(bank, coefs, "svd", 3, readers=bench._readers(bank))
-    sm = bench.slot_model(bank.manifest.base_model, list(modules), 2, 4)
+    modules = combination(bank, coefs, "svd", 3, readers=WORKER.readers(bank))
+    sm = WORKER.slot_model(bank.manifest.base_model, list(modules), 2, 4)
     sm.fill(1, modules)
     x = torch.tensor([[1, 17, 42, 99, 5, 7]])
     with torch.no_grad():
@@ -201,64 +183,6 @@ def test_slots_give_the_same_model_as_loading_the_written_adapter(tiny_bank, tmp
         got = sm.model(input_ids=x, adapter_names=["slot1"]).logits
         base = sm.model(input_ids=x, adapter_names=["__base__"]).logits
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
-
-
-def test_calibration_finds_the_exact_neighbour():
-    from lorablend.calibrate import calibrate
-
-    rng = np.random.default_rng(0)
-    theta = np.repeat(rng.normal(size=(4, 50)), 2, axis=0)  # entries come in identical pairs
-    D = rng.uniform(1, 2, size=(8, 8))
-    for t in range(8):
-        D[t, t ^ 1] = 0.0  # each entry's twin is its nearest
-    cal = calibrate(D, theta @ theta.T, list(range(8)))
-    assert cal.top_k == 1 and cal.loss < 1e-9
-
-
-def test_report_statistics():
-    from lorablend.report import gap_recovered, paired_bootstrap, wins_ties_losses
-
-    assert gap_recovered(0.5, 0.2, 0.8) == pytest.approx(0.5) and gap_recovered(0.5, 0.3, 0.3) is None
-    assert gap_recovered(0.29, 0.3, 0.301) is None  # a gap within the noise would make this −10
-    assert gap_recovered(0.45, 0.2, 0.45) == pytest.approx(1.0)
-    assert wins_ties_losses([0.5, 0.5, 0.5], [0.2, 0.495, 0.9]) == (1, 1, 1)
-    mean, lo, hi = paired_bootstrap([0.3, 0.5, 0.4, 0.9], [0.1, 0.2, 0.4, 0.3])
-    assert lo <= mean <= hi and mean == pytest.approx(0.275)
-    assert paired_bootstrap([0.3, 0.5], [0.1, 0.3]) == pytest.approx((0.2, 0.2, 0.2))
-    assert paired_bootstrap([1, 2, 3], [0, 0, 0]) == paired_bootstrap([1, 2, 3], [0, 0, 0])  # seeded
-
-
-def test_report_lists_every_command_of_a_grown_study(tmp_path):
-    from lorablend.report import _run_facts
-
-    base = {"wall_seconds": 60.0, "n": 8, "max_new_tokens": 32, "batch_size": 16, "threads": 1, "jobs": 2,
-            "executor": "local", "machine": {"nproc": 2, "cpu": "x", "ram_gib": 1.0, "torch": "t"}}
-    runs = [{**base, "command": c} for c in ("bench --settings a", "bench --settings a", "bench --settings b")]
-    (tmp_path / "run.json").write_text(json.dumps({"runs": runs}))
-    facts = "\n".join(_run_facts(tmp_path / "run.json"))
-    assert "3 invocations" in facts and facts.count("`bench --settings a`") == 1 and "`bench --settings b`" in facts
-    assert "3.0 min in total" in facts
-    (tmp_path / "run.json").write_text(json.dumps({"runs": runs[:2]}))
-    assert "- Command: `bench --settings a` (2 invocations" in _run_facts(tmp_path / "run.json")[0]
-
-
-def test_report_has_tables_intervals_and_plots(study, tmp_path):
-    from typer.testing import CliRunner
-
-    from lorablend.cli import app
-
-    res = CliRunner().invoke(app, ["bench", "--report-only", "--results", str(study[0].results),
-                                   "--report", str(tmp_path / "docs" / "RESULTS.md")])
-    assert res.exit_code == 0, res.output
-    page = (tmp_path / "docs" / "RESULTS.md").read_text()
-    for needle in ("## Holdout: entry", "## Holdout: family", "Δ vs base [95% CI]", "W/T/L vs base", "cost s/adapter",
-                   "`embeddings/js/normalized/svd/auto`", "*uniform/paper*", "*random-k/", "*nearest/tokens/js*",
-                   "N = 3", "Machine: ", "Wall time: ", "Command: `", "RESULTS-bars.png", "RESULTS-coefficients.png"):
-        assert needle in page, needle
-    assert (tmp_path / "docs" / "RESULTS-bars.png").stat().st_size > 1000
-    assert (tmp_path / "docs" / "RESULTS-coefficients.png").stat().st_size > 1000
-    coefs = json.loads((study[0].results / "coefficients.json").read_text())
-    assert set(coefs) == {"-", "entry", "family"}
 
 
 def test_ray_executor_with_a_local_instance(tiny_bank, tmp_path):
@@ -273,7 +197,7 @@ def test_ray_executor_with_a_local_instance(tiny_bank, tmp_path):
 @pytest.fixture
 def scorer_calls(monkeypatch):
     """Counts the forward-pass work the bench asks of MixtureScorer, and the examples each scorer gets."""
-    from lorablend.ce import MixtureScorer
+    from lorablend.runtime.scoring import MixtureScorer
 
     calls = {"ce_row": [], "fit": [], "examples": []}
     real_init, real_row, real_fit = MixtureScorer.__init__, MixtureScorer.ce_row, MixtureScorer.fit
@@ -310,7 +234,7 @@ def test_model_based_settings_run_and_share_one_ce_row_per_entry(tiny_bank, tmp_
     run, records = model_run(tiny_bank, tmp_path / "r")
     bank = Bank.open(tiny_bank)
     specs = [parse_setting(s) for s in MODEL_SETTINGS]
-    slots = bench.slots_for(specs, ("entry", "family"))
+    slots = bench_plan.slots_for(specs, ("entry", "family"))
     assert run.written == run.total == len(records) == 2 * len(slots)
     assert scorer_calls["ce_row"] == [4, 4]  # once per entry, over the 4 others, for 3 settings x 2 holdouts + best-ce
     assert scorer_calls["fit"] == [3, 3, 3, 3]  # fit over the rerank's 3 (each family leaves 3 usable)
@@ -329,7 +253,7 @@ def test_model_based_settings_run_and_share_one_ce_row_per_entry(tiny_bank, tmp_
             rerank = records[(e, h, MODEL_SETTINGS[1])]["coefficients"]
             assert len(rerank) <= 2 and max(rerank, key=rerank.get) == min(rerank, key=ce.get)
         assert records[(e, "-", "base")]["cost_s"] is None and records[(e, "-", "own")]["cost_s"] >= 0
-    from lorablend.report import read_scores, summarize
+    from lorablend.bench.report import read_scores, summarize
 
     rows = {r.label: r for r in summarize(read_scores(run.csv), "entry")}
     assert rows[MODEL_SETTINGS[0]].vs["nearest"][3] == 2  # a ce setting's nearest control is best-ce
@@ -351,8 +275,8 @@ def test_model_based_records_resume_without_recomputing_the_ce_row(tiny_bank, tm
 
 
 def test_fit_and_ce_never_see_test_examples(tiny_bank, tmp_path, scorer_calls):
-    from lorablend.ce import CE_EXAMPLES
     from lorablend.dataset import load_dataset
+    from lorablend.runtime.scoring import CE_EXAMPLES
 
     model_run(tiny_bank, tmp_path / "r", entries=("math",))
     bank = Bank.open(tiny_bank)
@@ -366,15 +290,16 @@ def test_fit_and_ce_never_see_test_examples(tiny_bank, tmp_path, scorer_calls):
 
 def test_bench_ce_row_equals_generates(tiny_bank, tmp_path):
     """The bench scores on the worker's (PEFT-wrapped) model; `generate` loads a plain one: same row."""
-    from lorablend.ce import CE_EXAMPLES
+    from lorablend.bank.combination import combination
     from lorablend.dataset import load_dataset
-    from lorablend.generate import combination, mixture_scorer
+    from lorablend.generate import mixture_scorer
+    from lorablend.runtime.scoring import CE_EXAMPLES
 
     bank = Bank.open(tiny_bank)
     others = [n for n in bank.names if n != "music"]
-    sm = bench.slot_model(bank.manifest.base_model, bank_modules(bank), 2, 4)
-    sm.fill(0, combination(bank, {"math": 1.0}, "cat", readers=bench._readers(bank)))  # a slot that must not leak in
-    sm.fill(1, combination(bank, {"code": 1.0}, "cat", readers=bench._readers(bank)))
+    sm = WORKER.slot_model(bank.manifest.base_model, bank_modules(bank), 2, 4)
+    sm.fill(0, combination(bank, {"math": 1.0}, "cat", readers=WORKER.readers(bank)))  # a slot that must not leak in
+    sm.fill(1, combination(bank, {"code": 1.0}, "cat", readers=WORKER.readers(bank)))
     model_run(tiny_bank, tmp_path / "r", entries=("music",))
     cached = ce_cache(tmp_path / "r", "music")
     ds = load_dataset(bank.dataset_path(bank.entry("music")), name="music")
@@ -388,7 +313,7 @@ def test_bench_ce_row_equals_generates(tiny_bank, tmp_path):
 
 
 def bank_modules(bank):
-    return next(iter(bench._readers(bank).values())).modules
+    return next(iter(WORKER.readers(bank).values())).modules
 
 
 def test_first_order_settings_share_one_backward_pass_and_one_ce_row_per_entry(tiny_bank, tmp_path, scorer_calls):
@@ -423,13 +348,14 @@ def test_first_order_settings_share_one_backward_pass_and_one_ce_row_per_entry(t
 
 def test_bench_first_order_row_equals_generates(tiny_bank, tmp_path):
     """The bench takes the backward pass on the worker's PEFT-wrapped slot model; `generate` on a plain one."""
-    from lorablend.ce import CE_EXAMPLES
+    from lorablend.bank.combination import combination
     from lorablend.dataset import load_dataset
-    from lorablend.generate import combination, first_order_row
+    from lorablend.generate import first_order_row
+    from lorablend.runtime.scoring import CE_EXAMPLES
 
     bank = Bank.open(tiny_bank)
-    sm = bench.slot_model(bank.manifest.base_model, bank_modules(bank), 2, 4)
-    sm.fill(0, combination(bank, {"math": 1.0}, "cat", readers=bench._readers(bank)))  # a slot that must not leak in
+    sm = WORKER.slot_model(bank.manifest.base_model, bank_modules(bank), 2, 4)
+    sm.fill(0, combination(bank, {"math": 1.0}, "cat", readers=WORKER.readers(bank)))  # a slot that must not leak in
     run_bench(BenchConfig(bank=str(tiny_bank), results=tmp_path / "r", entries=("music",),
                           **{**FAST, "settings": GRAD_SETTINGS[:1]}))
     (path,) = (tmp_path / "r" / "ce").glob("music.grad.k*.json")
@@ -488,7 +414,7 @@ def test_a_study_resumes_from_its_committed_scores_csv(tiny_bank, tmp_path):
 
 
 def test_training_curves_from_zero_and_from_the_blend(tiny_bank, tmp_path):
-    from lorablend.report import read_scores, summarize
+    from lorablend.bench.report import read_scores, summarize
 
     results = tmp_path / "r"
     run = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",), train_steps=(1, 2),
@@ -508,8 +434,8 @@ def test_training_curves_from_zero_and_from_the_blend(tiny_bank, tmp_path):
 
 
 def test_validated_selection_picks_on_valid_examples_and_scores_its_pick_on_test(tiny_bank, tmp_path):
-    from lorablend.generate import DEFAULT_SETTING, NEAREST
-    from lorablend.report import read_scores, summarize, validated_table
+    from lorablend.bench.report import read_scores, summarize, validated_table
+    from lorablend.settings import DEFAULT_SETTING, NEAREST
 
     results = tmp_path / "r"
     default, nearest = parse_setting(DEFAULT_SETTING.label).label, parse_setting(NEAREST.label).label
@@ -522,11 +448,11 @@ def test_validated_selection_picks_on_valid_examples_and_scores_its_pick_on_test
         from lorablend.dataset import load_dataset
 
         ds = load_dataset(bank.dataset_path(bank.entry(entry)), name=entry)
-        seen = {e.input for e in ds.split("train")[:16]} | {e.input for e in bench.test_sample(ds, 3, 0)}
+        seen = {e.input for e in ds.split("train")[:16]} | {e.input for e in bench_entry.test_sample(ds, 3, 0)}
         for h in ("entry", "family"):
             rec = records[(entry, h, "validated")]
             val = rec["validation"]
-            pool = bench.validation_pool(ds).split(val["examples"]["split"])
+            pool = bench_entry.validation_pool(ds).split(val["examples"]["split"])
             held = {pool[i].input for i in val["examples"]["indices"]}
             assert held and not held & seen  # never the test sample nor what the settings selected on
             assert val["scores"][val["chosen"]] == max(val["scores"].values())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorablend.bigbench import MIN_TRAIN, compact
+from lorablend.bank.sources.bigbench import MIN_TRAIN, compact
 from lorablend.dataset import Dataset, Example
 
 

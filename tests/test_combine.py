@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorablend.combine import Factors, combine, combine_cat, combine_paper, combine_svd
+from lorablend.combine import Factors, combine_cat, combine_factors, combine_paper, combine_svd
 from lorablend.errors import InputError
 
 PROPS = settings(max_examples=30, deadline=None)
@@ -144,7 +144,7 @@ def test_paper_rejects_unequal_ranks():
 @pytest.mark.parametrize("method", ["paper", "cat", "svd"])
 def test_deterministic(method):
     bank = make_bank(np.random.default_rng(8), 32, 24, [4, 4, 4], MIXED_SCALES)
-    a, b = (combine(method, bank, COEFS, rank=5) for _ in range(2))
+    a, b = (combine_factors(method, bank, COEFS, rank=5) for _ in range(2))
     assert a.A.tobytes() == b.A.tobytes() and a.B.tobytes() == b.B.tobytes()
 
 
@@ -163,17 +163,17 @@ def test_deterministic(method):
 def test_validation(method, bank_shapes, coefs, match):
     bank = [Factors(A=np.ones(a, np.float32), B=np.ones(b, np.float32), scale=1.0) for a, b in bank_shapes]
     with pytest.raises(ValueError, match=match):
-        combine(method, bank, coefs, rank=4)
+        combine_factors(method, bank, coefs, rank=4)
 
 
 def test_dispatcher_errors():
     bank = make_bank(np.random.default_rng(9), 8, 8, [2])
     with pytest.raises(ValueError, match="needs a rank"):
-        combine("svd", bank, [1.0])
+        combine_factors("svd", bank, [1.0])
     with pytest.raises(ValueError, match="integer >= 1"):
-        combine("svd", bank, [1.0], rank=0)
+        combine_factors("svd", bank, [1.0], rank=0)
     with pytest.raises(InputError, match="did you mean 'svd'"):
-        combine("svdd", bank, [1.0])
+        combine_factors("svdd", bank, [1.0])
 
 
 # ---- properties -------------------------------------------------------------
@@ -227,5 +227,5 @@ def test_zero_coefficient_adapters_do_not_matter(data):
     bigger = bank[:pos] + extra + bank[pos:]
     c_big = c[:pos] + [0.0] + c[pos:]
     for method in ("paper", "cat", "svd"):
-        a, b = combine(method, bank, c, rank=3), combine(method, bigger, c_big, rank=3)
+        a, b = combine_factors(method, bank, c, rank=3), combine_factors(method, bigger, c_big, rank=3)
         assert a.A.tobytes() == b.A.tobytes() and a.B.tobytes() == b.B.tobytes(), method

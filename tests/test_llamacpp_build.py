@@ -105,9 +105,9 @@ def test_quantized_file_answers_as_its_dequantized_copy(smollm2_dir, llama_cpp):
     import numpy as np
 
     from lorablend.dataset import Example
-    from lorablend.llamacpp import LlamaCppModel
-    from lorablend.models import LLAMACPP_GGUF, load_tokenizer, smollm2_gguf
-    from lorablend.prompts import end_of_turn_id, prompt_ids
+    from lorablend.runtime.llamacpp import LlamaCppModel
+    from lorablend.runtime.models import LLAMACPP_GGUF, load_tokenizer, smollm2_gguf
+    from lorablend.runtime.prompts import end_of_turn_id, prompt_ids
 
     tok = load_tokenizer(str(smollm2_dir))
     questions = ["What is the capital of France?", "Name three primary colours.",

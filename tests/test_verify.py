@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lorablend.bank import Bank
-from lorablend.verify import verify_bank
+from lorablend.bank.manifest import Bank
+from lorablend.bank.verify import verify_bank
 
 WEIGHTS = "adapter_model.safetensors"
 

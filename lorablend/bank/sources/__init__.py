@@ -1,0 +1,1 @@
+"""Where bank entries come from besides training: Lots-of-LoRAs checkpoints and BIG-bench's NI tasks."""

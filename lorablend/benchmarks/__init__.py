@@ -1,1 +1,0 @@
-"""Benchmarks: `python -m lorablend.benchmarks.scale` (see docs/PERFORMANCE.md)."""

@@ -1,0 +1,154 @@
+"""runtime/llamacpp.py: the llama.cpp backend against PyTorch, batched sequences, and its use by `eval` and `bench`
+(llama.cpp's own converters make the tiny model's GGUF: see `converted` in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_dataset_file, run_main
+
+from lorablend.errors import InputError
+
+
+def test_llamacpp_backend_matches_torch(converted, tmp_path):
+    """The llamacpp backend decodes the torch path's very prompts: on the f32 tiny model, the same greedy tokens.
+
+    A random model has near-ties, which llama.cpp's f16 KV cache may break the other way: tokens are
+    compared up to the first step whose top-2 logit margin under torch is below 0.05.
+    """
+    import contextlib
+
+    import torch
+
+    from lorablend.dataset import load_dataset
+    from lorablend.runtime.evaluate import answers_with, generate_answers, load_for_eval
+    from lorablend.runtime.prompts import end_of_turn_id, prompt_ids
+
+    model_id = str(converted["model"])
+    ds = load_dataset(make_dataset_file(tmp_path / "d.jsonl", "animals", n=12), name="animals")
+    examples = ds.split("train")[:6]
+    adapters = {"a": str(converted["adapter"])}
+    lm, tok = load_for_eval(model_id, adapters, backend="llamacpp")
+    assert getattr(lm, "is_llamacpp", False)
+    tm, _ = load_for_eval(model_id, adapters, backend="torch")
+    stop = end_of_turn_id(tok)
+    compared = 0
+    for name in ("a", None):
+        for e in examples:
+            p = prompt_ids(tok, e)
+            tm.set_adapter("a")
+            with (tm.disable_adapter() if name is None else contextlib.nullcontext()), torch.inference_mode():
+                out = tm.generate(input_ids=torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=[stop],
+                                  pad_token_id=stop, output_scores=True, return_dict_in_generate=True)
+            want = out.sequences[0, len(p):].tolist()
+            got = lm.answer_ids(p, 12, {stop}, name)
+            for k, scores in enumerate(out.scores):
+                top = torch.topk(scores[0], 2).values
+                if float(top[0] - top[1]) < 0.05 or want[k] == stop:
+                    break
+                assert got[k] == want[k], (name, e.input, k, got, want)
+                compared += 1
+    assert compared >= 60  # with this seed 77 of the 144 steps are clear-cut, and all of them agree
+    # whole answers through the evaluation API, and mixed adapters in one call as `lorablend bench` passes them
+    mixed = generate_answers(lm, tok, examples, max_new_tokens=10, adapter_names=["a", "__base__"] * 3)
+    with_a = answers_with(lm, "a", tok, examples, max_new_tokens=10)
+    alone = answers_with(lm, None, tok, examples, max_new_tokens=10)
+    assert mixed == [with_a[i] if i % 2 == 0 else alone[i] for i in range(6)]
+    assert with_a != alone
+    lm.close()
+
+
+def test_batched_decoding_matches_one_sequence(converted, tmp_path):
+    """n_seq prompts decoded as parallel sequences (shared prefix copied) give the one-sequence path's tokens."""
+    from lorablend.dataset import load_dataset
+    from lorablend.runtime.llamacpp import LlamaCppModel
+    from lorablend.runtime.models import load_tokenizer
+    from lorablend.runtime.prompts import end_of_turn_id, prompt_ids
+
+    model_id = str(converted["model"])
+    tok = load_tokenizer(model_id)
+    examples = [e for topic in ("animals", "code") for e in
+                load_dataset(make_dataset_file(tmp_path / f"{topic}.jsonl", topic, n=12), name=topic).split("train")[:6]]
+    prompts = sorted(prompt_ids(tok, e) for e in examples)
+    prompts.insert(3, prompts[3][:-4])  # a prompt that is a prefix of its neighbour
+    stop = {end_of_turn_id(tok)}
+    one = LlamaCppModel(model_id, n_threads=1, n_seq=1)
+    many = LlamaCppModel(model_id, n_threads=1, n_seq=4)  # groups of 4, 4, 4, 1
+    try:
+        answers = {}
+        for m in (one, many):
+            m.load_adapters({"a": str(converted["adapter"])})
+        for adapter in ("a", None, "a"):  # switching back and forth reuses nothing stale
+            want = [one.answer_ids(p, 10, stop, adapter) for p in prompts]
+            got = many.answers_ids(prompts, 10, stop, adapter)
+            assert got == want, adapter
+            assert sum(map(len, got)) > 2 * len(got)
+            answers[adapter] = got
+        assert answers["a"] != answers[None]
+        with pytest.raises(InputError, match="more than the 512 of .*lower --max-new-tokens"):
+            many.answers_ids(prompts, 500, stop)
+        with pytest.raises(InputError, match="no adapter named 'b'"):
+            many.answers_ids(prompts, 10, stop, "b")
+    finally:
+        one.close()
+        many.close()
+
+
+def test_eval_cli_defaults_to_llamacpp(converted, tmp_path, capfd):
+    data = make_dataset_file(tmp_path / "d.jsonl", "math", n=8)
+    argv = ["eval", "--dataset", data, "--adapter", converted["adapter"], "--model", converted["model"], "--limit", "3",
+            "--max-new-tokens", "6"]
+    code, out, err = run_main(argv, capfd)
+    assert code == 0, err
+    out = " ".join(out.split())  # rich wraps long lines
+    assert "backend llamacpp" in out
+    code, out2, err = run_main(argv + ["--backend", "torch"], capfd)
+    assert code == 0, err
+    out2 = " ".join(out2.split())
+    assert "backend torch" in out2
+    code, out, err = run_main(argv + ["--backend", "lamacpp"], capfd)
+    assert code == 2 and "unknown backend 'lamacpp'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_llamacpp_backend(converted, tmp_path):
+    """`lorablend bench --backend llamacpp`: every adapter (controls and mixtures) exported with `write_gguf` and
+    run by llama.cpp. The own-adapter control answers exactly as the PEFT dir's export does through `eval`,
+    adapters change answers, the records agree with the torch backend's, and the two never share a results dir."""
+    from conftest import make_bank
+
+    from lorablend.bank.manifest import Bank
+    from lorablend.bench.entry import test_sample
+    from lorablend.bench.plan import BenchConfig
+    from lorablend.bench.records import RecordStore
+    from lorablend.bench.run import run_bench
+    from lorablend.dataset import load_dataset
+    from lorablend.runtime.evaluate import answers_with, load_for_eval
+    from lorablend.sketch import build_index
+
+    root = make_bank(tmp_path / "bank", converted["model"], topics=("animals", "math", "weather", "code"))
+    bank = Bank.open(root)
+    build_index(bank)
+    settings = ("tokens/js/normalized/paper/T1", "embeddings/js/normalized/svd/auto")
+    common = dict(bank=str(root), entries=("math",), holdouts=("entry",), n=3, max_new_tokens=5, threads=1, presets=(),
+                  settings=settings)
+    runs = {b: run_bench(BenchConfig(results=tmp_path / b, backend=b, **common)) for b in ("llamacpp", "torch")}
+    records = {b: {r["label"]: r for r in RecordStore(run.results).all()} for b, run in runs.items()}
+    assert json.loads((tmp_path / "llamacpp" / "config.json").read_text())["backend"] == "llamacpp"
+    assert json.loads((tmp_path / "llamacpp" / "run.json").read_text())["runs"][0]["backend"] == "llamacpp"
+    mine = records["llamacpp"]
+    assert set(mine) == set(records["torch"]) and {"base", "own"} <= set(mine) and len(mine) >= 6
+
+    entry = bank.entry("math")
+    examples = test_sample(load_dataset(bank.dataset_path(entry), name="math"), 3, 0)
+    lm, tok = load_for_eval(str(converted["model"]), {"own": str(root / entry.adapter_dir)}, backend="llamacpp")
+    budget = mine["own"]["max_new_tokens"]
+    assert mine["own"]["answers"] == answers_with(lm, "own", tok, examples, max_new_tokens=budget)
+    assert mine["base"]["answers"] == answers_with(lm, None, tok, examples, max_new_tokens=budget)
+    lm.close()
+    assert mine["own"]["answers"] != mine["base"]["answers"]
+    # f32 GGUF vs f32 torch on a random model: near-ties may break either way, most answers agree
+    pairs = [(a, b) for label in mine for a, b in zip(mine[label]["answers"], records["torch"][label]["answers"])]
+    assert sum(a == b for a, b in pairs) >= 0.75 * len(pairs), pairs
+    with pytest.raises(InputError, match="backend"):
+        run_bench(BenchConfig(results=tmp_path / "llamacpp", backend="torch", **common))
