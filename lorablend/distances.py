@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import numpy as np
-import ot
 import scipy.sparse as sp
 from scipy.cluster.vq import kmeans2, vq
 from scipy.spatial.distance import cdist
@@ -205,6 +204,8 @@ def _clouds(X, Ys) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def _exact_w1(X: np.ndarray, Y: np.ndarray) -> float:
+    import ot  # imported where used: POT loads torch through its backends, seconds at every CLI start
+
     n, n_y = len(X), len(Y)
     # scipy's cdist, not ot.dist: POT's |x|^2 + |y|^2 - 2xy form leaves ~1e-8 at
     # zero distance after the sqrt, so identical clouds would not score 0.
@@ -223,6 +224,8 @@ def wasserstein_clouds(X, Ys, exact_max: int = 2000, n_projections: int = 256, s
     approximation: a lower bound that gets much smaller as d grows, so it is not
     on the exact scale, and the two are never mixed in one result.
     """
+    import ot
+
     X, Ys = _clouds(X, Ys)
     if all(len(X) * len(Y) <= exact_max**2 for Y in Ys):
         return np.array([_exact_w1(X, Y) for Y in Ys], dtype=np.float64)

@@ -313,12 +313,12 @@ def validated(bank: Bank, setting: Setting, coefs: dict[str, float], dataset: Da
     """(the verdict, the coefficients to write): the setting's pick against the nearest adapter, the uniform
     average and no adapter, on the held-out examples (`validate.validate`). Candidates equal to an earlier
     one are scored once."""
-    from lorablend.validate import NO_ADAPTER, Candidate, validate
+    from lorablend.validate import NEAREST_PICK, NO_ADAPTER, PICK, UNIFORM, Candidate, validate
 
     usable = [n for n in bank.names if n not in excluded]
     nearest = dict(zip(bank.names, coefficient_row(bank, NEAREST, _distances(bank, NEAREST, dataset, seed), excluded)))
-    tried = [Candidate("setting's pick", setting.label, coefs), Candidate("nearest", NEAREST.label, nearest),
-             Candidate("uniform", "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names}),
+    tried = [Candidate(PICK, setting.label, coefs), Candidate(NEAREST_PICK, NEAREST.label, nearest),
+             Candidate(UNIFORM, "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names}),
              Candidate(NO_ADAPTER, "", None)]
     unique = [c for j, c in enumerate(tried) if c.coefficients is None or all(
         _kept(c.coefficients) != _kept(o.coefficients) for o in tried[:j] if o.coefficients is not None)]

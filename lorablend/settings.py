@@ -123,7 +123,6 @@ DEFAULT_SETTING = Setting(sketch="target-tokens", metric="grad+js", top_k=1, rer
 NEAREST = Setting(sketch="target-tokens", metric="js", top_k=1)  # the best setting without a forward pass
 GRAMMAR = ("sketch/metric/operator/combine[/T1][/top8][/rerank16][/r8] or .../auto, e.g. "
            "tokens/js/normalized/svd/T1/top8")
-OPTIONS = ("sketch", "metric", "operator", "combine", "temperature", "top_k", "rank", "rerank")  # what a label gives
 
 
 def help_of(name: str) -> str:

@@ -22,6 +22,7 @@ from lorablend.dataset import Dataset, Example
 VALIDATION_EXAMPLES = 32  # examples scored per candidate: ~a few seconds each on SmolLM2 with llama.cpp
 FEW_EXAMPLES = 24  # below this many in all, the verdict is flagged as uncertain (its interval is wide)
 NO_ADAPTER = "no adapter"
+PICK, NEAREST_PICK, UNIFORM = "setting's pick", "nearest", "uniform"  # the other candidates, by name
 
 
 @dataclass(frozen=True)

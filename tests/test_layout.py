@@ -103,3 +103,14 @@ def test_every_module_has_a_layer_and_imports_none_above_it():
 @pytest.mark.parametrize("module", ["lorablend.settings", "lorablend.generate", "lorablend.validate"])
 def test_the_pipeline_and_settings_do_not_reach_into_the_bench(module):
     assert not any(d.startswith("lorablend.bench") for d in import_graph()[module])
+
+
+def test_the_command_line_starts_without_torch_or_pot():
+    """Every command, even --help and a one-line error, imports lorablend.cli: torch and POT (which loads torch)
+    are seconds of start-up, imported only where a command needs them."""
+    import subprocess
+    import sys
+
+    probe = "import sys, lorablend.cli; print(sorted(m for m in ('torch', 'ot') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -90,27 +90,27 @@ class EntryEvaluator:
         """`generate`'s validated selection under this holdout: the default setting's pick, the nearest adapter,
         the uniform average and no adapter answer the entry's validation examples (`split_validation`, as
         `generate` takes them, never the test sample nor the train examples the settings saw); the best by
-        Rouge-L is the record's adapter (None: the
-        base model, what a user told "no gain" keeps). Its passes add the validation's tokens, prompts and
-        answers, in units of the 16 train examples' tokens."""
+        Rouge-L is the record's adapter (None: the base model, what a user told "no gain" keeps). Its passes add
+        the validation's prompt and answer tokens, in units of the 16 train examples' tokens."""
         from lorablend.runtime.evaluate import max_new_tokens_for
         from lorablend.runtime.prompts import prompt_ids, training_pair
-        from lorablend.validate import NO_ADAPTER, Candidate, choose, split_validation
+        from lorablend.validate import NEAREST_PICK, NO_ADAPTER, PICK, UNIFORM, Candidate, choose, split_validation
 
         names = self.bank.names
         _, held, where = split_validation(validation_pool(plan.dataset), self.job.seed)
-        picks = [("setting's pick", Slot(holdout, DEFAULT_SETTING.label, "", DEFAULT_SETTING, "svd")),
-                 ("nearest", Slot(holdout, NEAREST.label, "", NEAREST, "svd")),
-                 ("uniform", Slot(holdout, uniform_label("svd", None), "uniform", None, "svd"))]
+        combine = DEFAULT_SETTING.combine  # `generate` combines every candidate as its setting does
+        picks = [(PICK, Slot(holdout, DEFAULT_SETTING.label, "", DEFAULT_SETTING, combine)),
+                 (NEAREST_PICK, Slot(holdout, NEAREST.label, "", NEAREST, combine)),
+                 (UNIFORM, Slot(holdout, uniform_label(combine, None), "uniform", None, combine))]
         made = {}
         for name, slot in picks:
             c, info = plan.coefficients(slot)
-            made.setdefault(eval_key(c, "svd", None, names), (name, slot.label, c, info))
+            made.setdefault(eval_key(c, combine, None, names), (name, slot.label, c, info))
         made["base"] = (NO_ADAPTER, "", None, {})
         t0 = time.perf_counter()
         keys = list(made)
         todo = [k for k in keys if k not in self._validation]  # the holdouts share their validation examples
-        adapters = {k: self.factors(k, (made[k][2], "svd", None)) for k in todo if k != "base"}
+        adapters = {k: self.factors(k, (made[k][2], combine, None)) for k in todo if k != "base"}
         budget = max_new_tokens_for(self.tokenizer, [e.target for e in held])
         answers = self.answer(adapters, todo, held, budget)[0] if todo else []
         self._validation.update({k: answers[j * len(held) : (j + 1) * len(held)] for j, k in enumerate(todo)})
@@ -118,7 +118,8 @@ class EntryEvaluator:
         per_key = {k: self._validation[k] for k in keys}
         answers = [a for k in keys for a in per_key[k]]  # the selection's tokens count in full for each holdout
         by_name = {made[k][0]: k for k in keys}
-        verdict = choose([Candidate(n, label, None if c is None else {}) for n, label, c, _ in made.values()],
+        verdict = choose([Candidate(n, label, None if c is None else {b: float(w) for b, w in zip(names, c) if w > 0})
+                          for n, label, c, _ in made.values()],
                          lambda cand: per_key[by_name[cand.name]], held, where, uncertain=False,
                          backend=self.job.backend, seed=self.job.seed)
         seconds = sum(self._validation_s[k] for k in keys)  # what `generate` spends on it, cached or not
@@ -127,7 +128,7 @@ class EntryEvaluator:
         unit = sum(len(p) + len(t) for p, t in (training_pair(self.tokenizer, e)
                                                  for e in plan.dataset.split("train")[:CE_EXAMPLES]))
         _, _, c, info = made[by_name[verdict.chosen]]
-        pick = made[by_name["setting's pick"]][3]
+        pick = made[by_name[PICK]][3]
         return c, {"excluded": pick.get("excluded", []), "model_s": pick.get("model_s", 0.0) + seconds,
                    "passes": pick.get("passes", 0) + round((prompts + answered) / unit, 2),
                    "validation": {"chosen": verdict.chosen, "scores": verdict.scores, "examples": where, "n": verdict.n}}

@@ -106,7 +106,8 @@ def references(label: str, first: dict, labels: set[str]) -> dict[str, str]:
     metric = first.get("metric", "")
     nearest = "best-ce" if metric == "ce" else f"nearest/{first.get('sketch', '')}/{metric}"
     if first["control"] == "validated":  # one of its candidates: is the selection worth its validation?
-        refs["nearest"] = NEAREST if NEAREST in labels else "nearest/target-tokens/js"
+        control = f"nearest/{NEAREST_SETTING.sketch}/{NEAREST_SETTING.metric}"  # the same adapter, as a control
+        refs["nearest"] = NEAREST if NEAREST in labels else control
     if first["control"] in ("", "random-k") and nearest in labels and "nearest" not in refs:
         refs["nearest"] = nearest
     return {k: v for k, v in refs.items() if v != label}
