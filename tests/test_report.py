@@ -52,3 +52,18 @@ def test_report_has_tables_intervals_and_plots(study, tmp_path):
     assert (tmp_path / "docs" / "RESULTS-coefficients.png").stat().st_size > 1000
     coefs = json.loads((study[0].results / "coefficients.json").read_text())
     assert set(coefs) == {"-", "entry", "family"}
+
+
+def test_curve_table_pairs_refinement_with_training_from_zero_by_entry():
+    from lorablend.bench.report import curve_table
+
+    def row(entry, holdout, label, rouge, passes):
+        return {"entry": entry, "holdout": holdout, "label": label, "rouge_l": rouge, "passes": passes}
+
+    rows = [row("a", "-", "train/4", 0.2, 6.0), row("b", "-", "train/4", 0.4, 6.0), row("c", "-", "train/4", 0.1, 6.0),
+            row("a", "family", "refine/4", 0.5, 18.0), row("b", "family", "refine/4", 0.3, 16.0)]
+    table = curve_table(rows, "family")
+    line = next(l for l in table.splitlines() if l.startswith("| 4 |"))
+    # c has no refine/4 record: the pairs are a and b only; the differences are +0.3 and −0.1
+    assert line.startswith("| 4 | 2 | 0.300 | 0.400 | +0.100 [") and "| 1/0/1 |" in line and "6.0 / 17.0" in line
+    assert curve_table(rows, "entry") == ""  # no refinement under that holdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lorablend.runtime.train import TrainConfig
 
@@ -104,3 +105,13 @@ def test_generate_refine_steps_trains_on_train_examples_only(tiny_bank, tmp_path
     again = generate(Bank.open(tiny_bank), ds, tmp_path / "q", setting, validate=True, backend="torch", refine_steps=2)
     assert (again.out / "adapter_model.safetensors").read_bytes() == (res.out / "adapter_model.safetensors").read_bytes()
     assert (again.out / "lorablend.json").read_bytes() == (res.out / "lorablend.json").read_bytes()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_recipe_uses_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    from lorablend.runtime import train
+
+    monkeypatch.setattr(train, "native_bf16", lambda: native)
+    assert train.TrainConfig().resolved().bf16_autocast is native
+    assert train.TrainConfig().to_dict()["bf16_autocast"] is native  # what bank.json and bench records keep
+    assert train.TrainConfig(bf16_autocast=True).resolved().bf16_autocast is True  # an explicit choice stands

@@ -128,6 +128,7 @@ def _build_entry(bank: Bank, task: Task, ds: Dataset, model, tokenizer, cfg: Tra
     entry.info = {
         "seed": seed,
         "steps": cfg.steps,
+        "bf16_autocast": cfg.resolved().bf16_autocast,
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(eval_s, 1),
         "eval_examples": len(test),

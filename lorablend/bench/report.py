@@ -216,6 +216,26 @@ def recall_table(recall_csv: Path, holdout: str) -> str:
     return "\n".join(lines)
 
 
+def curve_table(rows: list[dict], holdout: str, seed: int = 0) -> str:
+    """refine/K (from the default's blend) against train/K (from zero) at each K, paired by entry: the decision
+    rule for recommending refinement reads its intervals."""
+    table = _by_label(rows, holdout)
+    steps = sorted(int(label.split("/")[1]) for label in table if label.startswith("refine/"))
+    lines = ["| steps | entries | from zero | from the blend | Δ (blend − zero) [95% CI] | W/T/L | passes (zero / blend) |",
+             "|" + "---|" * 7]
+    for k in steps:
+        zero, blend = table.get(f"train/{k}", {}), table[f"refine/{k}"]
+        pairs = sorted(set(zero) & set(blend))
+        if not pairs:
+            continue
+        a, b = ([t[e]["rouge_l"] for e in pairs] for t in (blend, zero))
+        passes = [np.mean([t[e]["passes"] for e in pairs]) for t in (zero, blend)]
+        lines.append(f"| {k} | {len(pairs)} | {np.mean(b):.3f} | {np.mean(a):.3f} | "
+                     f"{_ci(paired_bootstrap(a, b, seed=seed))} | {_wtl(wins_ties_losses(a, b))} | "
+                     f"{passes[0]:.1f} / {passes[1]:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def markdown_table(summary: list[Row]) -> str:
     head = ("| setting or control | mean Rouge-L | cost s/adapter | exact match | entries | gap recovered (mean ratio) "
             "| gap (ratio of means) | Δ vs base [95% CI] | Δ vs uniform [95% CI] | W/T/L vs base | vs own | vs uniform "
@@ -456,6 +476,12 @@ def write_report(csv_path: str | Path, out_md: str | Path, seed: int = 0) -> Pat
                       "blend's). These units do not depend on the base model's size. "
                       + (f"Every point is a mean over the {len(curved)} entries with training curves: "
                          + ", ".join(curved) + "." if curved else "No training curve in this run."), ""]
+            for h in holdouts:
+                curves = curve_table(same, h, seed)
+                if curves:
+                    lines += [f"### Training from the blend against training from zero (holdout {h})", "",
+                              "Paired by entry: `refine/K` against `train/K` on the same test examples; passes as "
+                              "above.", "", curves, ""]
         best = best_setting(summaries[holdouts[0]])
         coefs_path = csv_path.with_name("coefficients.json")
         if best is not None and coefs_path.exists():

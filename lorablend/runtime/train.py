@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from lorablend.dataset import Example
+from lorablend.machine import native_bf16
 from lorablend.runtime.models import target_loss
 from lorablend.runtime.prompts import PromptFormat, pad_pairs, training_pair
 
@@ -25,10 +26,14 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     eval_examples: int = 30
-    bf16_autocast: bool = True
+    bf16_autocast: bool | None = None  # None: bf16 where the CPU computes it natively, else fp32 (30x faster there)
+
+    def resolved(self) -> "TrainConfig":
+        """The precision decided for this machine: what a run uses and what its record keeps."""
+        return self if self.bf16_autocast is not None else replace(self, bf16_autocast=native_bf16())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self.resolved())
 
 
 def batches(pairs: list[tuple[list[int], list[int]]], cfg: TrainConfig, rng: random.Random, pad: int):
@@ -67,6 +72,7 @@ def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed
     fresh (B = 0), or starts from `init` (module -> Factors, e.g. a blend: `start_from`)."""
     import torch
 
+    cfg = cfg.resolved()
     peft_model = add_lora(model, cfg, seed)
     if init is not None:
         start_from(peft_model, init)
