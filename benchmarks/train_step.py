@@ -1,11 +1,12 @@
-"""One bank-building training step: transformers' `labels=` loss against `models.target_loss`.
+"""One bank-building training step, two ways side by side: transformers' `labels=` loss against
+`models.target_loss` (`--pair loss`), or `target_loss` under bf16 autocast against fp32 (`--pair precision`).
 
-    python -m benchmarks.train_step --task /path/to/task.jsonl.gz --steps 4
+    python -m benchmarks.train_step --task /path/to/task.jsonl.gz --steps 4 [--pair precision]
 
 Each mode runs in its own fresh process (so its peak RSS is its own): the base model, a
 LoRA as `lorablend bank build` makes it, and `--steps` AdamW steps on the task's first
-train batches, bf16 autocast, after one warm-up step. Prints CPU and wall seconds per
-step, the peak RSS of the process, and the first step's loss under both.
+train batches (bf16 autocast but for mode fp32), after one warm-up step. Prints CPU and wall
+seconds per step, the peak RSS of the process, the first step's loss, and the ratios.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("labels", "target_loss")
+PAIRS = {"loss": ("labels", "target_loss"), "precision": ("target_loss", "fp32")}
 
 
 def run(mode: str, model_id: str, task: str, steps: int, threads: int) -> dict:
@@ -43,7 +44,7 @@ def run(mode: str, model_id: str, task: str, steps: int, threads: int) -> dict:
     out, cpu, wall = {"mode": mode}, 0.0, 0.0
     for k, (ids, labels, mask) in enumerate(batches(pairs, cfg, random.Random(0), tok.pad_token_id or 0)):
         c, w = time.process_time(), time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
             if mode == "labels":
                 loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
             else:
@@ -67,13 +68,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--pair", choices=tuple(PAIRS), default="loss", help="what the two runs differ in")
+    ap.add_argument("--mode", choices=sorted({m for p in PAIRS.values() for m in p}), help=argparse.SUPPRESS)  # child
     args = ap.parse_args(argv)
     if args.mode:
         print(json.dumps(run(args.mode, args.model, args.task, args.steps, args.threads)))
         return
     rows = []
-    for mode in MODES:
+    for mode in PAIRS[args.pair]:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--task", args.task, "--model", args.model, "--steps",
                                str(args.steps), "--threads", str(args.threads), "--mode", mode],
                               capture_output=True, text=True, check=True)

@@ -18,6 +18,31 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def busy_cores(interval: float = 0.3) -> float:
+    """Cores kept busy now, from /proc/stat sampled over `interval` while this process waits; else the 1-minute
+    load average. The load average lags: right after lorablend's own scoring it still counts that work."""
+    import time
+
+    try:
+        first = _cpu_times()
+        time.sleep(interval)
+        return busy_between(first, _cpu_times(), os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def _cpu_times() -> list[int]:
+    with open("/proc/stat", encoding="ascii") as fh:
+        return [int(x) for x in fh.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+
+
+def busy_between(a: list[int], b: list[int], cores: int) -> float:
+    """Busy cores between two /proc/stat samples (idle and iowait count as idle)."""
+    total = sum(b) - sum(a)
+    idle = (b[3] + b[4]) - (a[3] + a[4])
+    return cores * (1 - idle / total) if total > 0 else 0.0
+
+
 def machine() -> dict:
     """nproc, RAM, CPU model, Python and torch versions, and the load average (neighbours skew timings)."""
     import platform

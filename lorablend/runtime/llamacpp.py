@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lorablend.errors import InputError
+from lorablend.machine import busy_cores
 from lorablend.runtime.models import model_gguf
 from lorablend.runtime.prompts import PromptFormat, common_prefix, end_of_turn_id, prompt_ids
 
@@ -47,7 +48,7 @@ def default_threads() -> int:
     llama.cpp's threads meet at a spinning barrier several times per layer: on a busy CPU a
     preempted thread stalls the others, and 2 threads ran 10x slower than 1 beside a training
     job on 2 cores (see docs/PERFORMANCE.md). So the default counts free cores (cores minus
-    the 1-minute load average), at least 1.
+    those busy now, `machine.busy_cores`), at least 1.
     """
     env = os.environ.get(THREADS_ENV)
     if env:
@@ -56,7 +57,7 @@ def default_threads() -> int:
         except ValueError:
             raise InputError(f"${THREADS_ENV} must be a whole number of threads, got '{env}'") from None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = busy_cores()
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
