@@ -390,6 +390,11 @@ def test_recall_csv_says_whether_each_retrievers_top_m_holds_the_best_ce_adapter
                 (got,) = [r for r in rows if (r["entry"], r["holdout"], r["retriever"], r["m"]) == (e, h, "grad", str(m))]
                 assert got["found"] == str(int(best in sorted(usable, key=grad.get)[:m]))
     assert all(r["found"] == "1" for r in rows if r["m"] == "4" and r["holdout"] == "entry")  # 4 others: all kept
+    # a later run of one setting under one holdout rewrites its own rows and keeps the others
+    run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",), holdouts=("family",),
+                          **{**FAST, "settings": GRAD_SETTINGS[1:2]}))
+    again = list(csv.DictReader(open(results / "recall.csv")))
+    assert sorted(map(str, again)) == sorted(map(str, rows))
 
 
 def test_a_study_resumes_from_its_committed_scores_csv(tiny_bank, tmp_path):
@@ -399,10 +404,12 @@ def test_a_study_resumes_from_its_committed_scores_csv(tiny_bank, tmp_path):
 
     results = tmp_path / "r"
     first = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",), **FAST))
-    before = first.csv.read_text()
+    before, coefs = first.csv.read_text(), (results / "coefficients.json").read_text()
     shutil.rmtree(results / "records")
     again = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",), **FAST))
     assert again.written == 0 and again.csv.read_text() == before
+    assert (results / "coefficients.json").read_text() == coefs  # restored records keep their coefficients
+    assert any(v["math"] for by_label in json.loads(coefs).values() for v in by_label.values())
     shutil.rmtree(results / "records")
     grown = run_bench(BenchConfig(bank=str(tiny_bank), results=results, entries=("math",),
                                   **{**FAST, "settings": SETTINGS + ("tokens/kl/normalized/svd/T1",)}))

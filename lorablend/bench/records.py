@@ -47,7 +47,8 @@ class RecordStore:
     def restore(self, csv_path: Path) -> int:
         """Records from a committed scores.csv, when the records themselves are gone (they are scratch; the CSV
         is what is committed): a study grows over sessions. Restored records carry no answers and no
-        coefficients (`restored`: true); a new record of the same adapter reuses their scores."""
+        answers (`restored`: true), but their coefficient vectors when coefficients.json lies beside the CSV; a new
+        record of the same adapter reuses their scores."""
         import csv
 
         ints, floats = ("rank", "top_k", "n", "max_new_tokens", "passes"), (
@@ -58,9 +59,12 @@ class RecordStore:
 
         with open(csv_path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
+        coefs_path = Path(csv_path).with_name("coefficients.json")
+        coefs = json.loads(coefs_path.read_text(encoding="utf-8")) if coefs_path.exists() else {}
         for row in rows:
             rec = {k: (v if k not in ints + floats else number(k, v)) for k, v in row.items()}
-            rec.update(reused=row.get("reused") == "True", coefficients={}, answers=None, restored=True)
+            c = coefs.get(row["holdout"], {}).get(row["label"], {}).get(row["entry"], {})
+            rec.update(reused=row.get("reused") == "True", coefficients=c, answers=None, restored=True)
             self.write(rec)
         return len(rows)
 

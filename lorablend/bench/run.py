@@ -141,7 +141,8 @@ RECALL_M = (1, 2, 4, 6, 8, 10, 12, 16)
 
 def write_recall(bank: Bank, specs: list[Setting], holdouts: tuple[str, ...], matrices: Matrices, results: Path) -> Path | None:
     """RESULTS/recall.csv: for every entry with cached ce (and grad) rows, every rerank retriever of the
-    settings and holdout, whether its top m holds the exact-ce best adapter (m in RECALL_M)."""
+    settings and holdout, whether its top m holds the exact-ce best adapter (m in RECALL_M). Rows of other
+    retrievers and holdouts already in the file are kept: a run of a few settings must not erase the study's."""
     import csv
     import io
 
@@ -164,11 +165,16 @@ def write_recall(bank: Bank, specs: list[Setting], holdouts: tuple[str, ...], ma
     for e in entries:
         plan = EntryPlan(bank, e, load_dataset(bank.dataset_path(bank.entry(e)), name=e), matrices, results / "ce")
         rows += [r for h in holdouts for ret in retrievers for r in plan.recall(h, ret, RECALL_M)]
+    path = results / "recall.csv"
+    if path.exists():
+        new = {(r["entry"], r["holdout"], r["retriever"]) for r in rows}
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows += [r for r in csv.DictReader(fh) if (r["entry"], r["holdout"], r["retriever"]) not in new]
+    rows.sort(key=lambda r: (r["entry"], r["holdout"], r["retriever"], int(r["m"])))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path = results / "recall.csv"
     with atomic_file(path, "w") as fh:
         fh.write(buf.getvalue())
     return path
