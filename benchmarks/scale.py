@@ -814,7 +814,7 @@ def _sampled(module: str, shape: Shape, res: dict) -> bool:
 def sample_modules(shape: Shape) -> list[str]:
     """Three modules: layer 0 q_proj, layer 1 k_proj, last layer v_proj (one of each shape)."""
     last = shape.layers - 1
-    return [f"model.layers.0.self_attn.q_proj", f"model.layers.{min(1, last)}.self_attn.k_proj",
+    return ["model.layers.0.self_attn.q_proj", f"model.layers.{min(1, last)}.self_attn.k_proj",
             f"model.layers.{last}.self_attn.v_proj"]
 
 
