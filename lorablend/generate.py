@@ -234,7 +234,7 @@ def generate(
         raise InputError(f"--refine-steps must be >= 0, got {refine_steps}")
     timings, calibration = {}, None
     # (metrics ce and grad: every candidate is scored by the model)
-    d = np.zeros(len(bank.names)) if setting.distance is None else _distances(bank, setting, dataset, seed)
+    d = np.zeros(len(bank.names)) if setting.distance is None else dataset_distances(bank, setting, dataset, seed)
     timings["distances_s"] = time.perf_counter() - t0
     if setting.auto:
         setting, cal = calibrated(bank, setting, excluded, exclude_family)
@@ -316,7 +316,7 @@ def validated(bank: Bank, setting: Setting, coefs: dict[str, float], dataset: Da
     from lorablend.validate import NEAREST_PICK, NO_ADAPTER, PICK, UNIFORM, Candidate, validate
 
     usable = [n for n in bank.names if n not in excluded]
-    nearest = dict(zip(bank.names, coefficient_row(bank, NEAREST, _distances(bank, NEAREST, dataset, seed), excluded)))
+    nearest = dict(zip(bank.names, coefficient_row(bank, NEAREST, dataset_distances(bank, NEAREST, dataset, seed), excluded)))
     tried = [Candidate(PICK, setting.label, coefs), Candidate(NEAREST_PICK, NEAREST.label, nearest),
              Candidate(UNIFORM, "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names}),
              Candidate(NO_ADAPTER, "", None)]
@@ -331,7 +331,7 @@ def _kept(coefs: dict[str, float]) -> dict[str, float]:
     return {n: round(w, 9) for n, w in coefs.items() if w > 1e-9}
 
 
-def _distances(bank: Bank, setting: Setting, dataset: Dataset, seed: int) -> np.ndarray:
+def dataset_distances(bank: Bank, setting: Setting, dataset: Dataset, seed: int) -> np.ndarray:
     """The dataset's distance to every bank entry under the setting's sketch and metric (`distances_to_bank`)."""
     _, sk = load_sketches(bank, setting.sketch)  # first: a missing or stale index is reported here
     query = query_sketch(bank, setting.sketch, dataset)

@@ -40,7 +40,8 @@ def _blend(tiny_bank):
 def test_a_lora_started_from_a_blend_holds_exactly_its_update(tiny_bank, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lorablend.runtime.train import TrainConfig, add_lora, lora_factors, refine_config, start_from
+    from lorablend.runtime.starts import lora_factors, start_from
+    from lorablend.runtime.train import TrainConfig, add_lora, refine_config
 
     _, blend = _blend(tiny_bank)
     cfg = refine_config(blend, TrainConfig())

@@ -108,7 +108,7 @@ def _build_entry(bank: Bank, task: Task, ds: Dataset, model, tokenizer, cfg: Tra
     train = ds.split("train")
     test = ds.split("test")[: cfg.eval_examples]
     t0 = time.perf_counter()
-    peft_model = train_lora(model, tokenizer, train, cfg, seed, fmt, on_step)
+    peft_model, _ = train_lora(model, tokenizer, train, cfg, seed, fmt, on_step)  # the zero start: no shift
     train_s = time.perf_counter() - t0
     budget = max_new_tokens_for(tokenizer, [e.target for e in train])
     t0 = time.perf_counter()
