@@ -162,23 +162,27 @@ def demo_cmd(
     tasks = [b.entry(task).name] if task else demo_tasks(b)
     with console.status("starting") as status:
         rows = run_demo(tasks, bank, out_dir, n, backend=backend, status=lambda m: status.update(m))
-    table = Table(title=f"each task new to the bank (its family left out); {DEFAULT_SETTING.label}, then validated; "
+    ways = list(rows[0].paths)
+    table = Table(title=f"each task new to the bank (its family left out); {DEFAULT_SETTING.label}, validated; "
                         f"{rows[0].base.n} test examples, greedy ({rows[0].backend})")
-    for col in ("task", "base", "generated", "own LoRA", "validation: written (gain over base, 95% CI)", "seconds"):
-        table.add_column(col, justify="left" if col in ("task",) or col.startswith("validation") else "right")
+    for col in ("task", "base", *ways, "own LoRA", *(f"{w}: written (gain over base, 95% CI), seconds" for w in ways)):
+        table.add_column(col, justify="left" if col == "task" or ":" in col else "right")
     for r in rows:
-        v = r.verdict
-        said = f"{v.written}: {v.gain[0]:+.3f} [{v.gain[1]:+.3f}, {v.gain[2]:+.3f}]" + ("" if v.helps else " no gain")
-        table.add_row(r.task, f"{r.base.rouge_l:.3f}", f"{r.generated.rouge_l:.3f}", f"{r.own.rouge_l:.3f}", said,
-                      f"{r.seconds:.0f}")
+        said = [f"{m.verdict.written}: {m.verdict.gain[0]:+.3f} [{m.verdict.gain[1]:+.3f}, {m.verdict.gain[2]:+.3f}]"
+                + ("" if m.verdict.helps else " no gain") + f", {m.seconds:.0f}s" for m in r.paths.values()]
+        table.add_row(r.task, f"{r.base.rouge_l:.3f}", *(f"{m.scores.rouge_l:.3f}" for m in r.paths.values()),
+                      f"{r.own.rouge_l:.3f}", *said)
     if len(rows) > 1:
         from statistics import fmean
 
         table.add_row("mean", f"{fmean(r.base.rouge_l for r in rows):.3f}",
-                      f"{fmean(r.generated.rouge_l for r in rows):.3f}", f"{fmean(r.own.rouge_l for r in rows):.3f}",
-                      f"{sum(r.verdict.helps for r in rows)} of {len(rows)} adapters beat the base model on validation", "")
+                      *(f"{fmean(r.paths[w].scores.rouge_l for r in rows):.3f}" for w in ways),
+                      f"{fmean(r.own.rouge_l for r in rows):.3f}",
+                      *(f"{sum(r.paths[w].verdict.helps for r in rows)} of {len(rows)} beat the base model on "
+                        f"validation, {sum(r.paths[w].seconds for r in rows):.0f}s" for w in ways))
     out.print(table)
-    out.print(f"adapters: {', '.join(str(r.adapter) for r in rows)} (PEFT format); total {time.perf_counter() - t0:.0f}s")
+    out.print(f"adapters: {', '.join(str(m.adapter) for r in rows for m in r.paths.values())} (PEFT format); "
+              f"total {time.perf_counter() - t0:.0f}s")
 
 
 @app.command("eval")
@@ -432,6 +436,18 @@ def verdict_lines(v) -> list[str]:
     return said
 
 
+def budget_line(record: dict, v) -> str:
+    """Where the budget went and which path won."""
+    p = record["plan"]
+    spent = [f"blend tier (up to {p['blend_passes']:g})"] if p["blend"] else []
+    if p["start"]:
+        spent.append(f"{p['steps']} training steps from the {p['start']} start")
+    path = v.written if v is not None else "?"
+    kind = "trained" if path.startswith("trained") else "no adapter" if v.chosen != v.written else "gradient-free"
+    return (f"budget {p['budget']:g} forward-pass equivalents: spent {record['spent']:g} on "
+            f"{' and '.join(spent) or 'nothing (too small for a step)'}; the path that won: {path} ({kind})")
+
+
 def _steps(text: str) -> tuple[int, ...]:
     try:
         steps = tuple(int(x) for x in text.split(",") if x.strip())
@@ -494,6 +510,10 @@ def generate_cmd(
     refine_steps: int = typer.Option(0, help="Then train the written adapter for S steps of the bank's recipe on your "
                                      "train examples (never the validation ones): gradient steps, starting from the "
                                      "blend. Off by default; docs/GUIDE.md 'When to use what'."),
+    budget: str = typer.Option("0", "--budget", help="Compute to spend, in forward-pass equivalents of the base model "
+                               "over 16 examples (e.g. 12), or as time (e.g. 3m): the blend where it pays, then tuned "
+                               "training steps from the best start; the validated best is written and the verdict "
+                               "names the path that won. 0: no training (the gradient-free path)."),
 ):
     """Turn a dataset into a LoRA adapter by combining bank adapters (no weight is trained).
 
@@ -502,6 +522,7 @@ def generate_cmd(
     from dataclasses import replace
 
     from lorablend.bank.manifest import Bank
+    from lorablend.budget import parse_budget, seconds_per_pass
     from lorablend.dataset import load_dataset
     from lorablend.generate import generate
     from lorablend.settings import from_options
@@ -513,22 +534,27 @@ def generate_cmd(
     if defaulted and setting.rerank:  # the default's candidate count fits a bank smaller than the default one
         setting = setting.capped(len(b.entries) - 1)
     ds = load_dataset(dataset, seed=seed)
-    with console.status(f"generating an adapter from {len(b.entries)} bank entries ({setting.label})"):
+    passes = parse_budget(budget, lambda: seconds_per_pass(b.manifest.base_model, ds.split("train")))
+    with console.status(f"generating an adapter from {len(b.entries)} bank entries ({setting.label})"
+                        + (f" within {passes:.1f} forward-pass equivalents" if passes else "")):
         result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,
                           verify=verify, validate=validate, backend=backend, require_gain=require_gain,
-                          refine_steps=refine_steps, gguf=gguf)
+                          refine_steps=refine_steps, budget=passes, gguf=gguf)
     prov = result.provenance
     if prov.calibration:
         out.print(f"calibrated on the bank: temperature {prov.temperature:g}, top-k {prov.top_k or 'all'} "
                   f"(mean relative reconstruction error {prov.calibration['loss']:.3f})")
         setting = replace(setting, temperature=prov.temperature, top_k=prov.top_k)
-    out.print(_top_table(prov.coefficients, show, f"strongest coefficients ({setting.label})"))
+    if prov.coefficients:
+        out.print(_top_table(prov.coefficients, show, f"strongest coefficients ({setting.label})"))
     if prov.excluded:
         out.print(f"excluded: {', '.join(prov.excluded)}")
     if result.verdict is not None:
         out.print(_verdict_table(result.verdict))
         for line in verdict_lines(result.verdict):
             out.print(line)
+    if prov.budget:
+        out.print(budget_line(prov.budget, result.verdict))
     steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in prov.timings.items())
     out.print(f"adapter written to {result.out} (rank {prov.rank}) in {result.seconds:.1f}s ({steps})")
     if gguf:

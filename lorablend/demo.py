@@ -1,19 +1,20 @@
-"""`lorablend demo`: the default `generate` on a few bank tasks, each treated as a user's new task.
+"""`lorablend demo`: `generate` on a few bank tasks, each treated as a user's new task, both ways.
 
 Each task's whole family is left out of the bank, as for a task of a kind the bank does not hold.
-The adapter is made exactly as `lorablend generate` makes it with no options (the default setting,
-then validation on the task's valid split), and the base model, the written adapter and the task's
-own trained LoRA answer the same test examples. The tasks follow a rule fixed before any result
+Two adapters are made as `lorablend generate` makes them: the gradient-free path (`--budget 0`: the
+default setting, then validation on the task's valid split) and the default budget's (the blend where
+it pays, then tuned training steps, validated the same way). The base model, both adapters and the
+task's own trained LoRA answer the same test examples. The tasks follow a rule fixed before any result
 was seen: the first task by name of each of the first families by name.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorablend.bank.manifest import Bank
+from lorablend.budget import DEFAULT_BUDGET
 from lorablend.dataset import load_dataset
 from lorablend.generate import generate
 from lorablend.runtime.evaluate import Scores, answers_with, load_for_eval, max_new_tokens_for
@@ -29,41 +30,50 @@ def demo_tasks(bank: Bank, k: int = DEMO_TASKS) -> list[str]:
 
 
 @dataclass
-class DemoTask:
-    task: str
-    base: Scores
-    generated: Scores
-    own: Scores
+class Made:
+    """One way of making the task's adapter: its scores, its verdict, its seconds and where it was written."""
+
+    scores: Scores
     verdict: Verdict
     seconds: float
     adapter: Path
+
+
+@dataclass
+class DemoTask:
+    task: str
+    base: Scores
+    own: Scores
+    paths: dict[str, Made]  # "gradient-free" and "budget N"
     backend: str
 
 
 def run_demo(tasks: list[str], bank: str = "default", out: Path | None = None, n: int = 30,
-             setting: Setting = DEFAULT_SETTING, backend: str = "auto", status=None) -> list[DemoTask]:
+             setting: Setting = DEFAULT_SETTING, backend: str = "auto", status=None,
+             budget: float = DEFAULT_BUDGET) -> list[DemoTask]:
     say = status or (lambda msg: None)
     b = Bank.open(bank)
     out = out or Path("lorablend-demo")
     model, rows = None, []
+    ways = {"gradient-free": 0.0} | ({f"budget {budget:g}": budget} if budget else {})
     for task in tasks:
-        t0 = time.perf_counter()
         entry = b.entry(task)
         dataset = load_dataset(b.dataset_path(entry), name=task)
         left = len([e for e in b.entries if e.family != entry.family or (entry.family is None and e.name != task)])
-        say(f"{task}: generating an adapter from the {left} entries outside its family, then validating")
-        result = generate(b, dataset, out / task, setting.capped(left), exclude_family=True, force=True, validate=True,
-                          backend=backend)
-        say(f"{task}: answering test examples with the base model, the adapter and the task's own LoRA")
-        model, tokenizer = load_for_eval(b.manifest.base_model, {"generated": str(result.out),
-                                                                 "own": str(b.adapter_path(entry))},
-                                         model=_plain(model), backend=backend)
+        made = {}
+        for way, passes in ways.items():
+            say(f"{task}: the {way} adapter, from the {left} entries outside its family, then validated")
+            made[way] = generate(b, dataset, out / task / way.replace(" ", "-"), setting.capped(left),
+                                 exclude_family=True, force=True, validate=True, backend=backend, budget=passes)
+        say(f"{task}: answering test examples with the base model, the adapters and the task's own LoRA")
+        model, tokenizer = load_for_eval(b.manifest.base_model, {way: str(r.out) for way, r in made.items()}
+                                         | {"own": str(b.adapter_path(entry))}, model=_plain(model), backend=backend)
         test = dataset.split("test")[:n]
-        budget = max_new_tokens_for(tokenizer, [e.target for e in dataset.split("train")])
-        scores = {name: Scores.of(answers_with(model, name, tokenizer, test, max_new_tokens=budget), test)
-                  for name in (None, "generated", "own")}
-        rows.append(DemoTask(task, scores[None], scores["generated"], scores["own"], result.verdict,
-                             time.perf_counter() - t0, result.out,
+        tokens = max_new_tokens_for(tokenizer, [e.target for e in dataset.split("train")])
+        scores = {name: Scores.of(answers_with(model, name, tokenizer, test, max_new_tokens=tokens), test)
+                  for name in (None, "own", *made)}
+        rows.append(DemoTask(task, scores[None], scores["own"],
+                             {way: Made(scores[way], r.verdict, r.seconds, r.out) for way, r in made.items()},
                              "llama.cpp" if getattr(model, "is_llamacpp", False) else "PyTorch"))
     return rows
 

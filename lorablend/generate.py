@@ -23,7 +23,7 @@ from lorablend.combine import Factors
 from lorablend.dataset import Dataset
 from lorablend.errors import InputError, NoGain
 from lorablend.output import Provenance, check_out, write_combination, write_output
-from lorablend.runtime.scoring import FirstOrderScorer, MixtureScorer
+from lorablend.runtime.scoring import FIRST_ORDER_PASSES, FirstOrderScorer, MixtureScorer
 from lorablend.settings import FIT_CANDIDATES, NEAREST, UNIONS, Setting
 from lorablend.sketch import check_vocab, distances_to_bank, load_sketches, query_sketch
 from lorablend.validate import FEW_EXAMPLES, Verdict, total_examples
@@ -50,13 +50,15 @@ def exclusions(bank: Bank, dataset: Dataset, exclude: list[str], exclude_family:
 
 def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[str],
                     dataset: Dataset | None = None, neural: NeuralOperator | None = None,
-                    make_scorer=None, first_order=None) -> np.ndarray:
+                    make_scorer=None, first_order=None, spent: dict | None = None) -> np.ndarray:
     """Distances → coefficients, with the model-based steps (ce, grad, rerank, fit) when the setting asks.
 
     `neural` replaces the operator stored in the index, `make_scorer(names)` the MixtureScorer over
     those candidates and `first_order(names)` their first-order scores: `lorablend bench` fits one
     operator per held-out entry (never scored on an entry it was trained on) and slices ce and grad
-    values it computed once per entry."""
+    values it computed once per entry. `spent["passes"]` counts the forward-pass equivalents run here."""
+    spent = {} if spent is None else spent
+    spent.setdefault("passes", 0.0)
     d = np.where(np.isin(bank.names, excluded), np.inf, np.asarray(d, dtype=np.float64))
     if not setting.uses_model:
         if setting.operator == "neural" and neural is None:
@@ -75,6 +77,7 @@ def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[
     if setting.first_order:
         g = np.full_like(d, np.inf)
         g[usable] = first_order([bank.names[i] for i in usable])
+        spent["passes"] += FIRST_ORDER_PASSES
     if setting.metric == "grad" and not setting.rerank:
         return apply_operator(g, setting.operator, setting.temperature, setting.top_k)
     if setting.metric == "ce":
@@ -93,6 +96,7 @@ def coefficient_row(bank: Bank, setting: Setting, d: np.ndarray, excluded: list[
         c[candidates] = scorer.fit(start[candidates], budget=setting.fit_budget)
         return c
     finally:
+        spent["passes"] += scorer.passes
         scorer.close()
 
 
@@ -196,6 +200,7 @@ def generate(
     backend: str = "auto",
     require_gain: bool = False,
     refine_steps: int = 0,
+    budget: float = 0.0,
     gguf: bool = False,
 ) -> Result:
     """Build an adapter for `dataset` from `bank` and write it to `out` (atomically).
@@ -208,6 +213,8 @@ def generate(
     `require_gain`: raise NoGain, writing nothing, when no adapter beats the base model there.
     `refine_steps`: then train the written adapter for that many steps of the bank's recipe on the train examples
     (never the validation ones): a gradient step, off by default (`runtime/train.train_factors`).
+    `budget`: forward-pass equivalents to spend (`budget.py`): the blend tier where it pays, then training steps
+    from the best start at the tuned schedule; the trained adapters join the validated candidates. 0: no training.
     `gguf`: also write adapter.gguf (llama.cpp's LoRA format) in the same atomic write.
     """
     t0 = time.perf_counter()
@@ -216,40 +223,32 @@ def generate(
     out = Path(out)
     check_out(out, force, [bank.root] + ([Path(dataset.source)] if dataset.source else []))
     excluded = exclusions(bank, dataset, list(exclude), exclude_family)
+    _check_request(bank, setting, excluded, refine_steps, budget, validate)
     full, held, where = dataset, None, None
     if validate:
         from lorablend.validate import split_validation
 
         dataset, held, where = split_validation(dataset, seed)
-    if set(bank.names) <= set(excluded):
-        shown = ", ".join(excluded[:6]) + ("…" if len(excluded) > 6 else "")
-        raise InputError(
-            f"{bank.root}: no bank entry is left to combine: all {len(bank.names)} are excluded (excluded: {shown}; "
-            "the entry trained on this very dataset, --exclude and --exclude-family leave entries out); "
-            "use a bank with more entries"
-        )
-    if setting.rerank:
-        check_count("--rerank", setting.rerank, len(bank.names) - len(excluded))
-    if refine_steps < 0:
-        raise InputError(f"--refine-steps must be >= 0, got {refine_steps}")
-    timings, calibration = {}, None
-    # (metrics ce and grad: every candidate is scored by the model)
-    d = np.zeros(len(bank.names)) if setting.distance is None else dataset_distances(bank, setting, dataset, seed)
-    timings["distances_s"] = time.perf_counter() - t0
-    if setting.auto:
-        setting, cal = calibrated(bank, setting, excluded, exclude_family)
-        calibration = asdict(cal)
-        timings["calibrate_s"] = time.perf_counter() - t0 - sum(timings.values())
-    if verify and setting.uses_model:  # the model-based steps read every candidate adapter
-        verify_entries(bank, [n for n in bank.names if n not in excluded])
-    c = coefficient_row(bank, setting, d, excluded, dataset)
-    timings["coefficients_s"] = time.perf_counter() - t0 - sum(timings.values())
-    coefs = {n: float(w) for n, w in zip(bank.names, c)}
-    verdict = None
+    timings, spent = {}, {"passes": 0.0}
+    p = budget_plan(budget, setting) if budget else None
+    if p is None or p.blend:
+        setting, coefs, calibration = blend_tier(bank, setting, dataset, excluded, exclude_family, seed, verify, timings,
+                                                 spent)
+    else:  # the budget buys no blend: the label-free nearest adapter stands in for it
+        coefs, calibration = nearest_coefficients(bank, dataset, excluded, seed), None
+    trained = None
+    if p is not None and p.start:
+        t1 = time.perf_counter()
+        trained = budget_training(bank, dataset, p, coefs, setting, seed)
+        spent["passes"] += trained[1]["passes"]
+        timings["train_s"] = time.perf_counter() - t1
+    verdict, trained_won = None, False
     if validate:
-        verdict, coefs = validated(bank, setting, coefs, dataset, held, where, excluded, seed,
-                                   uncertain=total_examples(full) < FEW_EXAMPLES, backend=backend)
-        timings["validate_s"] = time.perf_counter() - t0 - sum(timings.values())
+        t1 = time.perf_counter()
+        verdict, coefs, trained_won = validated(bank, setting, coefs, dataset, held, where, excluded, seed,
+                                                uncertain=total_examples(full) < FEW_EXAMPLES, backend=backend,
+                                                pick=p is None or p.blend, trained=trained, plan=p)
+        timings["validate_s"] = time.perf_counter() - t1
         if require_gain and not verdict.helps:
             raise NoGain(f"{out}: not written: on {verdict.n} held-out examples no adapter beat the base model "
                          f"(best {verdict.written} {verdict.scores[verdict.written]:.3f}, base {verdict.base:.3f}); "
@@ -268,7 +267,7 @@ def generate(
         temperature=setting.temperature,
         top_k=setting.top_k,
         combine=setting.combine,
-        rank=0,  # filled in by write_combination
+        rank=0,  # filled in when written
         excluded=excluded,
         coefficients=coefs,
         seed=seed,
@@ -278,22 +277,86 @@ def generate(
         timings=timings,
         calibration=calibration,
         validation=verdict.to_dict() if verdict else None,
+        budget=None if p is None else {"plan": p.to_dict(), "spent": spent["passes"],
+                                       "training": trained[1] if trained else None},
     )
     t1 = time.perf_counter()
+    modules = trained[0] if trained_won else None
     if refine_steps:
-        modules = combination(bank, coefs, setting.combine, setting.rank)
-        timings["combine_s"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        modules, prov.refinement = refined(bank, modules, dataset, refine_steps, seed)
+        modules, prov.refinement = refined(bank, combination(bank, coefs, setting.combine, setting.rank), dataset,
+                                           refine_steps, seed)
+        timings["refine_s"] = time.perf_counter() - t1
+    if modules is not None:
         prov.rank = max(f.rank for f in modules.values())
         write_output(out, modules, bank.manifest.base_model, prov, force=force, dtype=dtype, gguf=gguf)
-        timings["refine_s"] = time.perf_counter() - t1
     else:
         write_combination(bank, coefs, out, setting.combine, setting.rank, provenance=prov, force=force, dtype=dtype,
                           gguf=gguf)
-        timings["combine_s"] = time.perf_counter() - t1
-    seconds = time.perf_counter() - t0
-    return Result(out=out, provenance=prov, seconds=seconds, verdict=verdict)
+    timings["write_s"] = time.perf_counter() - t1
+    return Result(out=out, provenance=prov, seconds=time.perf_counter() - t0, verdict=verdict)
+
+
+def _check_request(bank: Bank, setting: Setting, excluded: list[str], refine_steps: int, budget: float,
+                   validate: bool) -> None:
+    if set(bank.names) <= set(excluded):
+        shown = ", ".join(excluded[:6]) + ("…" if len(excluded) > 6 else "")
+        raise InputError(
+            f"{bank.root}: no bank entry is left to combine: all {len(bank.names)} are excluded (excluded: {shown}; "
+            "the entry trained on this very dataset, --exclude and --exclude-family leave entries out); "
+            "use a bank with more entries"
+        )
+    if setting.rerank:
+        check_count("--rerank", setting.rerank, len(bank.names) - len(excluded))
+    if refine_steps < 0:
+        raise InputError(f"--refine-steps must be >= 0, got {refine_steps}")
+    if budget < 0:
+        raise InputError(f"--budget must be >= 0, got {budget:g}")
+    if budget and not validate:
+        raise InputError("--budget chooses among the blend and trained adapters on held-out examples: "
+                         "drop --no-validate, or pass --budget 0")
+    if budget and refine_steps:
+        raise InputError("--budget and --refine-steps both train: use --budget (it picks the start and the steps)")
+
+
+def blend_tier(bank: Bank, setting: Setting, dataset: Dataset, excluded: list[str], exclude_family: bool, seed: int,
+               verify: bool, timings: dict, spent: dict):
+    """The gradient-free pipeline up to the coefficients: (the setting as run, its coefficients, the calibration)."""
+    t0, calibration = time.perf_counter(), None
+    # (metrics ce and grad: every candidate is scored by the model)
+    d = np.zeros(len(bank.names)) if setting.distance is None else dataset_distances(bank, setting, dataset, seed)
+    timings["distances_s"] = time.perf_counter() - t0
+    if setting.auto:
+        setting, cal = calibrated(bank, setting, excluded, exclude_family)
+        calibration = asdict(cal)
+        timings["calibrate_s"] = time.perf_counter() - t0 - timings["distances_s"]
+    if verify and setting.uses_model:  # the model-based steps read every candidate adapter
+        verify_entries(bank, [n for n in bank.names if n not in excluded])
+    t1 = time.perf_counter()
+    c = coefficient_row(bank, setting, d, excluded, dataset, spent=spent)
+    timings["coefficients_s"] = time.perf_counter() - t1
+    return setting, {n: float(w) for n, w in zip(bank.names, c)}, calibration
+
+
+def nearest_coefficients(bank: Bank, dataset: Dataset, excluded: list[str], seed: int) -> dict[str, float]:
+    """The label-free nearest adapter (no forward pass): one-hot on the closest usable entry."""
+    row = coefficient_row(bank, NEAREST, dataset_distances(bank, NEAREST, dataset, seed), excluded)
+    return dict(zip(bank.names, map(float, row)))
+
+
+def budget_plan(budget: float, setting: Setting):
+    """`budget.plan` for this setting's blend tier: its first-order pass and one pass per reranked candidate."""
+    from lorablend.budget import plan
+
+    return plan(budget, (FIRST_ORDER_PASSES if setting.first_order else 0.0) + (setting.rerank or 0))
+
+
+def budget_training(bank: Bank, dataset: Dataset, p, coefs: dict[str, float], setting: Setting, seed: int):
+    """(the trained factors, their record): the plan's steps on the train split, from the blend when it is the
+    start."""
+    from lorablend.budget import train
+
+    init = combination(bank, coefs, setting.combine, setting.rank) if p.start == "blend" else None
+    return train(bank.manifest.base_model, dataset.split("train"), p, seed, init)
 
 
 def refined(bank: Bank, modules: dict[str, Factors], dataset: Dataset, steps: int, seed: int):
@@ -309,22 +372,30 @@ def refined(bank: Bank, modules: dict[str, Factors], dataset: Dataset, steps: in
 
 
 def validated(bank: Bank, setting: Setting, coefs: dict[str, float], dataset: Dataset, held, where: dict,
-              excluded: list[str], seed: int, *, uncertain: bool, backend: str):
-    """(the verdict, the coefficients to write): the setting's pick against the nearest adapter, the uniform
-    average and no adapter, on the held-out examples (`validate.validate`). Candidates equal to an earlier
-    one are scored once."""
+              excluded: list[str], seed: int, *, uncertain: bool, backend: str, pick: bool = True, trained=None,
+              plan=None):
+    """(the verdict, the coefficients to write, whether the trained adapter won and is to be written): the setting's pick
+    (when `pick`) and the trained adapter (when given) against the nearest adapter, the uniform average and no
+    adapter, on the held-out examples (`validate.validate`). Candidates equal to an earlier one are scored once."""
+    from lorablend.budget import trained_name
     from lorablend.validate import NEAREST_PICK, NO_ADAPTER, PICK, UNIFORM, Candidate, validate
 
     usable = [n for n in bank.names if n not in excluded]
-    nearest = dict(zip(bank.names, coefficient_row(bank, NEAREST, dataset_distances(bank, NEAREST, dataset, seed), excluded)))
-    tried = [Candidate(PICK, setting.label, coefs), Candidate(NEAREST_PICK, NEAREST.label, nearest),
-             Candidate(UNIFORM, "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names}),
-             Candidate(NO_ADAPTER, "", None)]
+    tried = ([Candidate(PICK, setting.label, coefs)] if pick else []) + [
+        Candidate(NEAREST_PICK, NEAREST.label, nearest_coefficients(bank, dataset, excluded, seed)),
+        Candidate(UNIFORM, "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names})]
+    if trained is not None:
+        tried.append(Candidate(trained_name(plan), f"lr {trained[1]['lr']:g}, warm-up {trained[1]['warmup']}", None,
+                               trained[0]))
+    tried.append(Candidate(NO_ADAPTER, "", None))
     unique = [c for j, c in enumerate(tried) if c.coefficients is None or all(
         _kept(c.coefficients) != _kept(o.coefficients) for o in tried[:j] if o.coefficients is not None)]
     verdict = validate(bank, unique, held, where | {"seed": seed}, combine=setting.combine, rank=setting.rank,
                        uncertain=uncertain, backend=backend, seed=seed)
-    return verdict, next(c.coefficients for c in unique if c.name == verdict.written)
+    won = next(c for c in unique if c.name == verdict.written)
+    if won.factors is not None:  # the coefficients stay only when the blend was the training's start
+        return verdict, coefs if plan.start == "blend" else {}, True
+    return verdict, won.coefficients, False
 
 
 def _kept(coefs: dict[str, float]) -> dict[str, float]:

@@ -43,6 +43,7 @@ class Provenance:
     calibration: dict | None = None  # --auto: the (T, top-k) chosen on the bank and their reconstruction loss
     validation: dict | None = None  # the candidates' scores on held-out examples and the one written (validate.py)
     refinement: dict | None = None  # --refine-steps: the training steps run from the blend and their losses
+    budget: dict | None = None  # --budget: the plan (blend tier, start, steps), the passes spent and the training record
 
 
 def write_combination(bank: Bank, coefs: dict[str, float], out: Path, combine: str, rank: int | None = None, *,

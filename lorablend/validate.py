@@ -27,11 +27,16 @@ PICK, NEAREST_PICK, UNIFORM = "setting's pick", "nearest", "uniform"  # the othe
 
 @dataclass(frozen=True)
 class Candidate:
-    """An adapter to try: how it was chosen and its bank coefficients (None: the base model alone)."""
+    """An adapter to try: how it was made, and its bank coefficients or its own factors (neither: the base model)."""
 
     name: str
     setting: str
     coefficients: dict[str, float] | None
+    factors: dict | None = field(default=None, compare=False)  # module -> Factors, e.g. a trained LoRA
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.coefficients is not None or self.factors is not None
 
 
 @dataclass
@@ -100,7 +105,7 @@ def choose(candidates: list[Candidate], answers_of, examples: list[Example], whe
         per_example[cand.name] = np.array([rouge(a, e.outputs)[0] for a, e in zip(answers, examples)])
     means = {name: float(v.mean()) for name, v in per_example.items()}
     chosen = max(means, key=lambda name: (means[name], name == NO_ADAPTER, -list(means).index(name)))
-    adapters = [c.name for c in candidates if c.coefficients is not None]
+    adapters = [c.name for c in candidates if c.is_adapter]
     written = chosen if chosen != NO_ADAPTER else max(adapters, key=lambda n: (means[n], -adapters.index(n)))
     gain = paired_bootstrap(per_example[written], per_example[NO_ADAPTER], seed=seed)
     return Verdict(scores=means, settings={c.name: c.setting for c in candidates}, chosen=chosen, written=written,
@@ -113,7 +118,7 @@ def validate(bank, candidates: list[Candidate], examples: list[Example], where: 
     """Build each candidate in a temporary dir, answer the validation examples with it and choose."""
     import tempfile
 
-    from lorablend.output import write_combination
+    from lorablend.output import write_combination, write_output
     from lorablend.runtime.evaluate import answers_with, load_for_eval, max_new_tokens_for
     from lorablend.runtime.llamacpp import resolve_backend
     from lorablend.runtime.models import load_tokenizer
@@ -123,13 +128,16 @@ def validate(bank, candidates: list[Candidate], examples: list[Example], where: 
     with tempfile.TemporaryDirectory(prefix="lorablend-validate-") as tmp:
         dirs = {}
         for j, cand in enumerate(candidates):
-            if cand.coefficients is not None:
+            if cand.factors is not None:
+                dirs[cand.name] = Path(tmp) / str(j)
+                write_output(dirs[cand.name], cand.factors, model_id, None, force=False, dtype="float32")
+            elif cand.coefficients is not None:
                 dirs[cand.name] = Path(tmp) / str(j)
                 write_combination(bank, cand.coefficients, dirs[cand.name], combine, rank)
         model, tok = load_for_eval(model_id, {name: str(d) for name, d in dirs.items()}, backend=backend)
         used = resolve_backend(backend, model_id)
         try:
-            return choose(candidates, lambda c: answers_with(model, c.name if c.coefficients is not None else None, tok,
+            return choose(candidates, lambda c: answers_with(model, c.name if c.is_adapter else None, tok,
                                                              examples, max_new_tokens=budget),
                           examples, where, uncertain=uncertain, backend=used, seed=seed)
         finally:

@@ -20,14 +20,32 @@ def test_demo_runs_the_default_generate_on_family_out_tasks(tiny_bank, tmp_path,
                                 capfd)
     assert code == 0, err
     flat = " ".join(stdout.split())
-    for word in tasks + ["base", "generated", "own LoRA", "mean", "PyTorch"]:
+    for word in tasks + ["base", "gradient-free", "own LoRA", "mean", "PyTorch"]:
         assert word in flat, stdout
     for task in tasks:
-        provenance = json.loads((out / task / "lorablend.json").read_text())
+        provenance = json.loads((out / task / "gradient-free" / "lorablend.json").read_text())
         family = bank.entry(task).family
         used = {n for n, c in provenance["coefficients"].items() if c > 0}
         assert used and not {n for n in used if bank.entry(n).family == family}  # the whole family left out
         assert provenance["validation"]["written"] and provenance["metric"] == "grad+js"
     code, stdout, err = run_cli(["demo", "--bank", str(tiny_bank), "--task", "math", "--n", "2", "--out", str(out),
                                  "--backend", "torch"], capfd)
-    assert code == 0 and (out / "math" / "adapter_model.safetensors").is_file() and "mean" not in stdout
+    assert code == 0 and (out / "math" / "gradient-free" / "adapter_model.safetensors").is_file()
+    assert "mean" not in stdout
+
+
+def test_demo_shows_the_gradient_free_adapter_and_the_budgets_side_by_side(tiny_bank, tmp_path, monkeypatch):
+    from lorablend import budget
+    from lorablend.demo import run_demo
+    from lorablend.runtime import recipes
+
+    table = {"zero": {k: (1e-2, 0, 0.5) for k in recipes.BUDGET_STEPS}}
+    for module in (budget, recipes):
+        monkeypatch.setattr(module, "TUNED", table)
+    rows = run_demo(["math"], str(tiny_bank), tmp_path / "o", n=2, backend="torch", budget=4.0)
+    paths = rows[0].paths
+    assert list(paths) == ["gradient-free", "budget 4"]
+    record = json.loads((paths["budget 4"].adapter / "lorablend.json").read_text())["budget"]
+    assert record["spent"] <= 4.0 and record["plan"]["start"] == "zero"
+    assert json.loads((paths["gradient-free"].adapter / "lorablend.json").read_text())["budget"] is None
+    assert all(m.seconds > 0 and 0.0 <= m.scores.rouge_l <= 1.0 for m in paths.values())

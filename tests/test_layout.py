@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a package name covers its modules
     ("errors", "atomic", "stats", "machine", "lorablend"),
     ("dataset", "sketch", "distances", "coefficients", "combine", "adapter", "bank", "runtime", "output"),
     ("settings",),
-    ("generate", "validate"),
+    ("generate", "validate", "budget"),
     ("bench", "demo"),
     ("cli", "__main__"),
 ]

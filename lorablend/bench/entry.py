@@ -13,9 +13,10 @@ import numpy as np
 from lorablend.atomic import write_json
 from lorablend.bank import fit as bank_fit
 from lorablend.bank.manifest import Bank
-from lorablend.bench.plan import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, TRAIN_STEP_PASSES, Matrices, Slot, one_hot, prune
+from lorablend.bench.plan import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, Matrices, Slot, one_hot, prune
 from lorablend.bench.worker import WORKER
 from lorablend.generate import coefficient_row, exclusions, mixture_scorer, retrieve
+from lorablend.runtime.recipes import STEP_PASSES
 from lorablend.runtime.scoring import CE_EXAMPLES, FIRST_ORDER_PASSES
 from lorablend.settings import DEFAULT_SETTING, Setting
 
@@ -170,7 +171,7 @@ class EntryPlan:
         from lorablend.runtime.models import load_tokenizer
         from lorablend.runtime.train import train_factors
 
-        init, info = None, {"passes": TRAIN_STEP_PASSES * slot.steps, "model_s": 0.0}
+        init, info = None, {"passes": STEP_PASSES * slot.steps, "model_s": 0.0}
         if slot.control == "refine":
             init, c, blend = self.blend(slot.holdout)
             info.update(excluded=blend["excluded"], model_s=blend["model_s"], passes=info["passes"] + blend["passes"],

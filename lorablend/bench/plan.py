@@ -44,7 +44,6 @@ DEFAULT_MAX_NEW_TOKENS = 32
 QUICK_N = 15  # the quick preset: one entry per family (10 on the default bank), holdout entry
 PRUNE = 1e-6
 CONTROLS = ("base", "own", "uniform", "random-k", "nearest", "best-ce", "train", "refine", "validated")
-TRAIN_STEP_PASSES = 1.5  # forward-pass equivalents of one training step: forward + backward of a batch of 8 of the 16
 
 
 def preset_specs(presets: list[str], settings: list[str]) -> list[Setting]:

@@ -11,10 +11,22 @@ from dataclasses import replace
 
 from lorablend.runtime.train import TrainConfig
 
-BUDGET_STEPS = (1, 2, 4, 8, 16, 32)  # the budgets tuned; a budget in between runs the schedule of the one below
-# start -> steps -> (lr, warm-up): the table of docs/TUNING.md, copied here by hand; tests/test_recipes.py checks
-# that it is what the rule picks from docs/results-tuning/runs.csv
-TUNED: dict[str, dict[int, tuple[float, int]]] = {}
+BUDGET_STEPS = (1, 2, 4, 8, 16)  # the budgets tuned; a budget in between runs the schedule of the one below
+STEP_PASSES = 1.5  # forward-pass equivalents of a training step: forward + backward of a batch of 8 (a pass: 16)
+# start -> steps -> (lr, warm-up, the mean Rouge-L it reached on the tuning entries TUNED_ON): the table of
+# docs/TUNING.md, copied here by hand; tests/test_recipes.py checks that it is what the sweep's rule picks from those
+# entries' rows of docs/results-tuning/runs.csv
+TUNED_ON = ("subtask002_quoref_answer_generation", "subtask023_cosmosqa_question_generation")  # phase 1, chunk 1
+TUNED: dict[str, dict[int, tuple[float, int, float]]] = {
+    "zero": {1: (0.01, 0, 0.165), 2: (0.003, 0, 0.171), 4: (0.003, 0, 0.117), 8: (0.01, 0, 0.183), 16: (0.01, 0, 0.225)},
+    "blend": {1: (0.01, 0, 0.200), 2: (0.01, 0, 0.163), 4: (0.003, 0, 0.168), 8: (0.003, 0, 0.239),
+              16: (0.003, 0, 0.224)},
+    "lora-ga": {1: (0.001, 0, 0.167), 2: (0.001, 0, 0.120), 4: (0.01, 0, 0.148), 8: (0.003, 0, 0.299),
+                16: (0.003, 0, 0.304)},
+    "pissa": {1: (0.001, 0, 0.181), 2: (0.0003, 0, 0.229), 4: (0.0003, 0, 0.165), 8: (0.001, 0, 0.231),
+              16: (0.001, 0, 0.231)},
+}
+BLEND_ALONE = 0.106  # the blend itself (step 0 of the blend start) on the same entries
 
 
 def tuned(start: str, steps: int, base: TrainConfig = TrainConfig()) -> TrainConfig:
@@ -22,5 +34,5 @@ def tuned(start: str, steps: int, base: TrainConfig = TrainConfig()) -> TrainCon
     if start not in TUNED:
         raise ValueError(f"no tuned schedule for the {start} start (tuned: {', '.join(TUNED)})")
     k = max(b for b in BUDGET_STEPS if b <= max(steps, 1))
-    lr, warmup = TUNED[start][k]
+    lr, warmup, _ = TUNED[start][k]
     return replace(base, steps=steps, lr=lr, warmup=warmup, decay="constant", start=start)

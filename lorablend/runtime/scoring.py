@@ -169,6 +169,11 @@ class MixtureScorer:
         for h in self._hooks:
             h.remove()
 
+    @property
+    def passes(self) -> int:
+        """Forward-pass equivalents run so far: one per loss evaluated."""
+        return self.evaluations
+
     def loss(self, weights) -> float:
         """Mean per-token cross-entropy of the targets (logits only at target positions)."""
         import torch

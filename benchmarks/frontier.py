@@ -1,0 +1,296 @@
+"""Quality against compute on the first task of each family, its whole family left out of the bank: the blend, the
+tuned trainer from each start, and `generate --budget`, on the same test examples.
+
+    python -m benchmarks.frontier --entries E1,E2 --n 16 --budgets 6,12 --out docs/results-frontier
+    python -m benchmarks.frontier --report --out docs/results-frontier      # docs/FRONTIER.md and its plot
+
+Per entry: the base model, the nearest bank adapter (0 passes), the default setting's blend (its counted passes),
+the task's own 32-step LoRA (a reference), each start of `runtime/recipes.TUNED` trained at its tuned schedule for
+1, 2, 4, 8 and 16 steps (one run per distinct schedule, scored at the budgets it is chosen for: the schedule is
+constant, so the first K steps of a run are the K-step adapter), and `generate --budget B` for each B (validated on
+the valid split, scored on the test sample). Trained adapters learn from the whole train split. A record is one
+line of scores.csv with its per-example Rouge-L, appended when measured, so a stopped run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.rows import append_rows, read_rows
+
+FIELDS = ("entry", "what", "steps", "passes", "rouge_l", "per_example", "seconds", "won")
+_MODEL: dict = {}
+
+
+def first_entries(bank) -> list[str]:
+    families = list(dict.fromkeys(e.family for e in bank.entries))
+    return [sorted(e.name for e in bank.entries if e.family == f)[0] for f in families]
+
+
+def read(out: Path) -> list[dict]:
+    return read_rows(out / "scores.csv", {"steps": int, "passes": float, "rouge_l": float, "per_example": json.loads})
+
+
+def append(out: Path, rows: list[dict]) -> None:
+    append_rows(out / "scores.csv", FIELDS, [{**r, "per_example": json.dumps(r["per_example"])} for r in rows])
+
+
+class Entry:
+    """One entry's data, test sample and answer budget, on a model loaded once per process."""
+
+    def __init__(self, bank, name: str, n: int):
+        from lorablend.bench.entry import test_sample
+        from lorablend.settings import DEFAULT_SETTING
+        from lorablend.dataset import load_dataset
+        from lorablend.runtime.evaluate import max_new_tokens_for
+        from lorablend.runtime.models import load_model, load_tokenizer
+
+        self.bank, self.name, self.model_id = bank, name, bank.manifest.base_model
+        if self.model_id not in _MODEL:
+            _MODEL[self.model_id] = (load_model(self.model_id), load_tokenizer(self.model_id))
+        self.model, self.tok = _MODEL[self.model_id]
+        self.ds = load_dataset(bank.dataset_path(bank.entry(name)), name=name)
+        self.test = test_sample(self.ds, n, 0)
+        self.budget = max_new_tokens_for(self.tok, [e.target for e in self.ds.split("train")])
+        family = bank.entry(name).family
+        self.setting = DEFAULT_SETTING.capped(len([x for x in bank.entries if x.family != family]))
+
+    def per_example(self, model, adapter=None) -> list[float]:
+        from lorablend.runtime.evaluate import answers_with, generate_answers, rouge
+
+        answers = (generate_answers(model, self.tok, self.test, max_new_tokens=self.budget) if adapter is False else
+                   answers_with(model, adapter, self.tok, self.test, max_new_tokens=self.budget))
+        return [round(rouge(a, e.outputs)[0], 5) for a, e in zip(answers, self.test)]
+
+    def row(self, what: str, steps: int, passes: float, scores: list[float], seconds: float) -> dict:
+        return {"entry": self.name, "what": what, "steps": steps, "passes": round(passes, 2),
+                "rouge_l": round(sum(scores) / len(scores), 5), "per_example": scores, "seconds": round(seconds, 1),
+                "won": ""}
+
+
+def fixed_rows(e: Entry, out: Path) -> list[dict]:
+    """The base model, the nearest adapter, the default setting's blend and the task's own LoRA."""
+    from lorablend.generate import blend_tier, exclusions, nearest_coefficients
+    from lorablend.output import write_combination
+    from lorablend.runtime.evaluate import load_for_eval
+    from lorablend.settings import DEFAULT_SETTING
+
+    t0 = time.perf_counter()
+    excluded = exclusions(e.bank, e.ds, [e.name], True)
+    spent = {"passes": 0.0}
+    _, blend, _ = blend_tier(e.bank, e.setting, e.ds, excluded, True, 0, False, {}, spent)
+    blend_s = time.perf_counter() - t0
+    (out / "blends").mkdir(parents=True, exist_ok=True)
+    (out / "blends" / f"{e.name}.json").write_text(json.dumps({"passes": spent["passes"], "coefficients": {
+        n: w for n, w in blend.items() if w > 0}}, indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"own": str(e.bank.adapter_path(e.bank.entry(e.name)))}
+        for what, coefs in (("nearest", nearest_coefficients(e.bank, e.ds, excluded, 0)), ("blend", blend)):
+            dirs[what] = f"{tmp}/{what}"
+            write_combination(e.bank, coefs, Path(dirs[what]), DEFAULT_SETTING.combine, DEFAULT_SETTING.rank)
+        model, _ = load_for_eval(e.model_id, dirs, model=e.model, backend="torch")
+        rows = []
+        for what, passes in (("base", 0.0), ("nearest", 0.0), ("blend", spent["passes"]), ("own", 48.0)):
+            t = time.perf_counter()
+            rows.append(e.row(what, 0 if what != "own" else 32, passes,
+                              e.per_example(model, None if what == "base" else what),
+                              time.perf_counter() - t + (blend_s if what == "blend" else 0.0)))
+        e.model = model.unload()
+        _MODEL[e.model_id] = (e.model, e.tok)
+    return rows
+
+
+def trained_rows(e: Entry, start: str, out: Path, done: set) -> list[dict]:
+    """Each budget of `start` at its tuned schedule: one run per distinct (lr, warm-up), scored at its budgets."""
+    from lorablend.bank.combination import combination
+    from lorablend.runtime.recipes import BUDGET_STEPS, STEP_PASSES, TUNED, tuned
+    from lorablend.runtime.starts import START_PASSES
+    from lorablend.runtime.train import train_factors
+    from lorablend.settings import DEFAULT_SETTING
+
+    init, extra = None, 0.0
+    if start == "blend":
+        saved = json.loads((out / "blends" / f"{e.name}.json").read_text())
+        init = combination(e.bank, {n: saved["coefficients"].get(n, 0.0) for n in e.bank.names},
+                           DEFAULT_SETTING.combine, DEFAULT_SETTING.rank)
+        extra = saved["passes"]
+    groups: dict = {}
+    for k in BUDGET_STEPS:
+        if (f"train:{start}", k) not in done:
+            groups.setdefault(TUNED[start][k][:2], []).append(k)
+    rows = []
+    for ks in groups.values():
+        t0, spent = time.perf_counter(), [0.0]
+
+        def score(step, peft_model, _shift, ks=ks):
+            if step in ks:
+                t = time.perf_counter()
+                s = e.per_example(peft_model, False)
+                spent[0] += time.perf_counter() - t
+                rows.append(e.row(f"train:{start}", step, extra + START_PASSES.get(start, 0.0) + STEP_PASSES * step,
+                                  s, time.perf_counter() - t0 - spent[0]))
+
+        train_factors(e.model, e.tok, e.ds.split("train"), max(ks), 0, init, cfg=tuned(start, max(ks)), at_step=score)
+    return rows
+
+
+def budget_rows(e: Entry, budgets: list[float], done: set) -> list[dict]:
+    """`generate --budget B` as a user runs it (validated on the valid split), scored on the test sample; its passes
+    are what the record says it spent (validation's generation is not in them)."""
+    from lorablend.generate import generate
+    from lorablend.runtime.evaluate import load_for_eval
+
+    rows = []
+    for b in budgets:
+        if (f"budget:{b:g}", 0) in done:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            res = generate(e.bank, e.ds, Path(tmp) / "a", e.setting, exclude=[e.name], exclude_family=True,
+                           validate=True, backend="auto", budget=b)
+            seconds = time.perf_counter() - t0
+            model, _ = load_for_eval(e.model_id, {"a": str(res.out)}, model=e.model, backend="torch")
+            scores = e.per_example(model, "a")
+            e.model = model.unload()
+            _MODEL[e.model_id] = (e.model, e.tok)
+        rows.append(e.row(f"budget:{b:g}", 0, res.provenance.budget["spent"], scores, seconds)
+                    | {"won": res.verdict.written})
+    return rows
+
+
+def run(bank_root: str, entries: list[str], n: int, budgets: list[float], out: Path) -> None:
+    from rich.progress import Progress
+
+    from lorablend.bank.manifest import Bank
+    from lorablend.runtime.recipes import TUNED
+
+    bank = Bank.open(bank_root)
+    out.mkdir(parents=True, exist_ok=True)
+    with Progress() as progress:
+        bar = progress.add_task("entries", total=len(entries))
+        for name in entries:
+            done = {(r["what"], r["steps"]) for r in read(out) if r["entry"] == name}
+            e = Entry(bank, name, n)
+            if ("base", 0) not in done or not (out / "blends" / f"{name}.json").exists():
+                append(out, fixed_rows(e, out))
+            for start in TUNED:
+                append(out, trained_rows(e, start, out, done))
+            append(out, budget_rows(e, budgets, done))
+            progress.advance(bar)
+
+
+MARKER = "<!-- tables: generated by `python -m benchmarks.frontier --report`; everything below this line is rewritten -->"
+COMPARED_AT = (4, 8, 16)
+
+
+def write_report(rows: list[dict], page: Path, plot: Path) -> None:
+    """The means over the entries measured under every row kind, the paired intervals and the plot."""
+    import numpy as np
+
+    from lorablend.stats import paired_bootstrap
+
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["what"], r["steps"]), {})[r["entry"]] = r
+    entries = sorted({r["entry"] for r in rows if ("base", 0) in by and r["entry"] in by[("base", 0)]})
+    common = [e for e in entries if all(e in v for k, v in by.items() if not k[0].startswith("budget"))]
+
+    def mean(key, field="rouge_l", among=common):
+        vals = [by[key][e][field] for e in among if e in by.get(key, {})]
+        return (sum(vals) / len(vals), len(vals)) if vals else (float("nan"), 0)
+
+    lines = [MARKER, "", f"Entries with every trained and blend row: {len(common)} ({', '.join(common)}); "
+             f"{len(entries)} with any. Test examples per entry: {len(rows[0]['per_example']) if rows else 0}. "
+             "Means over the entries (each entry's mean Rouge-L on its test sample).", "",
+             "| what | steps | passes (mean) | mean Rouge-L | entries |", "|---|---|---|---|---|"]
+    for key in sorted(by, key=lambda k: (k[0].split(":")[0] != "base", k[0], k[1])):
+        among = common if not key[0].startswith("budget") else entries
+        m, n = mean(key, among=among)
+        lines.append(f"| {key[0]} | {key[1]} | {mean(key, 'passes', among)[0]:.1f} | {m:.3f} | {n} |")
+    starts = sorted({k[0].split(":")[1] for k in by if k[0].startswith("train:")})
+
+    def diff(a, b, among=common):
+        both = [e for e in among if e in by.get(a, {}) and e in by.get(b, {})]
+        d = paired_bootstrap([by[a][e]["rouge_l"] for e in both], [by[b][e]["rouge_l"] for e in both])
+        return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] (n {len(both)})"
+
+    lines += ["", "## Paired differences (mean over entries, 95% bootstrap interval over entries)", "",
+              "| comparison | " + " | ".join(f"{k} steps" for k in COMPARED_AT) + " |",
+              "|---|" + "---|" * len(COMPARED_AT)]
+    for s in starts:
+        if s != "zero":
+            lines.append(f"| {s} start − zero start | " + " | ".join(
+                diff((f"train:{s}", k), ("train:zero", k)) for k in COMPARED_AT) + " |")
+    lines.append("| zero start − the default blend (gradient-free) | " + " | ".join(
+        diff(("train:zero", k), ("blend", 0)) for k in COMPARED_AT) + " |")
+    lines.append("| best start − the default blend (gradient-free) | " + " | ".join(
+        diff((f"train:{max(starts, key=lambda s: mean((f'train:{s}', k))[0])}", k), ("blend", 0))
+        for k in COMPARED_AT) + " |")
+    budgets = sorted({k[0] for k in by if k[0].startswith("budget:")}, key=lambda w: float(w.split(":")[1]))
+    for b in budgets:
+        won = {}
+        for r in by[(b, 0)].values():
+            won[r["won"]] = won.get(r["won"], 0) + 1
+        lines.append(f"\n`{b}`: the path that won validation, by entry: "
+                     + ", ".join(f"{w} {c}" for w, c in sorted(won.items(), key=lambda x: -x[1])) + ".")
+    text = page.read_text()
+    page.write_text(text[: text.index(MARKER)] + "\n".join(lines).rstrip() + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for s in starts:
+        ks = [k for k in sorted({k[1] for k in by if k[0] == f"train:{s}"})]
+        ax.plot([mean((f"train:{s}", k), "passes")[0] for k in ks], [mean((f"train:{s}", k))[0] for k in ks],
+                marker="o", label=f"trained from {s} (tuned)")
+    for what, marker in (("base", "x"), ("nearest", "s"), ("blend", "D")):
+        ax.scatter([mean((what, 0), "passes")[0]], [mean((what, 0))[0]], marker=marker, s=60, zorder=3,
+                   label={"blend": "the default blend (gradient-free)"}.get(what, what))
+    for b in budgets:
+        ax.scatter([mean((b, 0), "passes", entries)[0]], [mean((b, 0), among=entries)[0]], marker="*", s=160, zorder=4,
+                   label=f"generate --budget {b.split(':')[1]}")
+    own = mean(("own", 32))[0]
+    if not np.isnan(own):
+        ax.axhline(own, color="grey", ls="--", lw=1, label="the task's own 32-step LoRA")
+    ax.set_xlabel("compute: forward-pass equivalents of the base model over 16 examples")
+    ax.set_ylabel(f"mean Rouge-L ({len(common)} entries, family left out)")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bank", default="default")
+    ap.add_argument("--entries", default="", help="comma-separated; default: the first task of each family")
+    ap.add_argument("--n", type=int, default=16, help="test examples per entry")
+    ap.add_argument("--budgets", default="", help="generate --budget values to run, e.g. 6,12")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("docs/results-frontier"))
+    ap.add_argument("--report", action="store_true", help="write docs/FRONTIER.md's tables and plot from scores.csv")
+    args = ap.parse_args(argv)
+    import torch
+
+    from lorablend.bank.manifest import Bank
+
+    torch.set_num_threads(args.threads)
+    bank = Bank.open(args.bank)
+    if args.report:
+        write_report(read(args.out), Path("docs/FRONTIER.md"), Path("docs/FRONTIER.png"))
+        return
+    entries = [x for x in args.entries.split(",") if x] or first_entries(bank)
+    run(str(bank.root), entries, args.n, [float(b) for b in args.budgets.split(",") if b], args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""benchmarks/frontier.py on the tiny bank: every kind of row, resumption, the report and its plot."""
+
+from __future__ import annotations
+
+import pytest
+
+TABLE = {"zero": {1: (3e-2, 0, 0.3), 2: (3e-2, 0, 0.4), 4: (1e-2, 0, 0.5), 8: (1e-2, 0, 0.6), 16: (1e-2, 0, 0.6)}}
+
+
+@pytest.fixture
+def table(monkeypatch):
+    from lorablend import budget
+    from lorablend.runtime import recipes
+
+    for module in (budget, recipes):
+        monkeypatch.setattr(module, "TUNED", TABLE)
+    monkeypatch.setattr(recipes, "BUDGET_STEPS", (1, 2))
+    monkeypatch.setattr(budget, "BLEND_ALONE", 0.35)
+
+
+def test_the_frontier_study_runs_resumes_and_reports(table, tiny_bank, tmp_path):
+    from benchmarks import frontier
+
+    out = tmp_path / "frontier"
+    frontier.run(str(tiny_bank), ["math"], 2, [3.0], out)
+    rows = frontier.read(out)
+    kinds = {(r["what"], r["steps"]) for r in rows}
+    assert kinds == {("base", 0), ("nearest", 0), ("blend", 0), ("own", 32), ("train:zero", 1), ("train:zero", 2),
+                     ("budget:3", 0)}
+    assert all(len(r["per_example"]) == 2 for r in rows)
+    budget_row = next(r for r in rows if r["what"] == "budget:3")
+    assert budget_row["passes"] <= 3.0 and budget_row["won"]
+    frontier.run(str(tiny_bank), ["math"], 2, [3.0], out)  # resumes: nothing measured twice
+    assert len(frontier.read(out)) == len(rows)
+    page, plot = tmp_path / "F.md", tmp_path / "F.png"
+    page.write_text("rules\n\n" + frontier.MARKER + "\n")
+    frontier.write_report(rows, page, plot)
+    assert "| train:zero | 2 |" in page.read_text() and plot.stat().st_size > 1000
