@@ -145,6 +145,8 @@ def demo_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the generated adapters (one dir per task)."),
     n: int = typer.Option(30, help="Test examples to score per task."),
     backend: str = typer.Option("auto", help="torch | llamacpp | auto (llamacpp when installed and the model has a GGUF)."),
+    budget: Optional[float] = typer.Option(None, help="The budget shown beside the gradient-free adapter, in "
+                                           "forward-pass equivalents (default: generate's default budget)."),
 ):
     """Run the default `generate` on a few bank tasks, each with its whole family left out of the bank, and score the
     written adapter against the base model and the task's own LoRA."""
@@ -161,25 +163,29 @@ def demo_cmd(
         fetch_smollm2()  # with its own progress bar, before the status spinner (rich shows one at a time)
     tasks = [b.entry(task).name] if task else demo_tasks(b)
     with console.status("starting") as status:
-        rows = run_demo(tasks, bank, out_dir, n, backend=backend, status=lambda m: status.update(m))
-    ways = list(rows[0].paths)
-    table = Table(title=f"each task new to the bank (its family left out); {DEFAULT_SETTING.label}, validated; "
-                        f"{rows[0].base.n} test examples, greedy ({rows[0].backend})")
-    for col in ("task", "base", *ways, "own LoRA", *(f"{w}: written (gain over base, 95% CI), seconds" for w in ways)):
-        table.add_column(col, justify="left" if col == "task" or ":" in col else "right")
-    for r in rows:
-        said = [f"{m.verdict.written}: {m.verdict.gain[0]:+.3f} [{m.verdict.gain[1]:+.3f}, {m.verdict.gain[2]:+.3f}]"
-                + ("" if m.verdict.helps else " no gain") + f", {m.seconds:.0f}s" for m in r.paths.values()]
-        table.add_row(r.task, f"{r.base.rouge_l:.3f}", *(f"{m.scores.rouge_l:.3f}" for m in r.paths.values()),
-                      f"{r.own.rouge_l:.3f}", *said)
-    if len(rows) > 1:
-        from statistics import fmean
+        rows = run_demo(tasks, bank, out_dir, n, backend=backend, status=lambda m: status.update(m),
+                        **({} if budget is None else {"budget": budget}))
+    from statistics import fmean
 
-        table.add_row("mean", f"{fmean(r.base.rouge_l for r in rows):.3f}",
-                      *(f"{fmean(r.paths[w].scores.rouge_l for r in rows):.3f}" for w in ways),
-                      f"{fmean(r.own.rouge_l for r in rows):.3f}",
-                      *(f"{sum(r.paths[w].verdict.helps for r in rows)} of {len(rows)} beat the base model on "
-                        f"validation, {sum(r.paths[w].seconds for r in rows):.0f}s" for w in ways))
+    ways = list(rows[0].paths)
+    table = Table(title=f"each task new to the bank (its family left out); {rows[0].base.n} test examples, greedy "
+                        f"({rows[0].backend}); gradient-free: {DEFAULT_SETTING.label}, validated")
+    for col in ("task", "adapter", "Rouge-L", "validation: written, gain over base (95% CI)", "seconds"):
+        table.add_column(col, justify="right" if col in ("Rouge-L", "seconds") else "left")
+    for r in rows:
+        table.add_row(r.task, "base model", f"{r.base.rouge_l:.3f}", "", "")
+        for way, m in r.paths.items():
+            v = m.verdict
+            table.add_row("", way, f"{m.scores.rouge_l:.3f}", f"{v.written}: {v.gain[0]:+.3f} [{v.gain[1]:+.3f}, "
+                          f"{v.gain[2]:+.3f}]" + ("" if v.helps else " (no gain)"), f"{m.seconds:.0f}")
+        table.add_row("", "own LoRA (32 steps)", f"{r.own.rouge_l:.3f}", "", "", end_section=True)
+    if len(rows) > 1:
+        table.add_row("mean", "base model", f"{fmean(r.base.rouge_l for r in rows):.3f}", "", "")
+        for w in ways:
+            table.add_row("", w, f"{fmean(r.paths[w].scores.rouge_l for r in rows):.3f}",
+                          f"{sum(r.paths[w].verdict.helps for r in rows)} of {len(rows)} beat the base model",
+                          f"{sum(r.paths[w].seconds for r in rows):.0f}")
+        table.add_row("", "own LoRA (32 steps)", f"{fmean(r.own.rouge_l for r in rows):.3f}", "", "")
     out.print(table)
     out.print(f"adapters: {', '.join(str(m.adapter) for r in rows for m in r.paths.values())} (PEFT format); "
               f"total {time.perf_counter() - t0:.0f}s")
