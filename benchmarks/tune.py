@@ -181,6 +181,16 @@ def dropped(chosen: dict, margin: float = DROP) -> dict[str, float]:
     return {s: d for s, d in short.items() if d > margin}
 
 
+def recipes_literal(rows: list[dict]) -> str:
+    """The chosen table as runtime/recipes.py spells it (TUNED_ON, TUNED without the dropped starts, BLEND_ALONE)."""
+    chosen = choose(rows)
+    kept = {s: per for s, per in chosen.items() if s not in dropped(chosen)}
+    lines = [f"TUNED_ON = {tuple(sorted({r['entry'] for r in rows}))!r}", "TUNED = {"]
+    lines += [f'    "{s}": {{' + ", ".join(f"{k}: ({v[0]:g}, {v[1]}, {v[2]:.3f})" for k, v in per.items()) + "},"
+              for s, per in kept.items()]
+    return "\n".join(lines + ["}", f"BLEND_ALONE = {step0(rows).get('blend', (0.0,))[0]:.3f}"])
+
+
 def write_report(rows: list[dict], page: Path) -> None:
     m, chosen = means(rows), choose(rows)
     steps = [k for k in CHECKPOINTS if any(key[3] == k for key in m)]
@@ -236,7 +246,9 @@ def main(argv=None) -> None:
 
     bank = Bank.open(args.bank)
     if args.report:
-        write_report(read_runs(args.out), Path("docs/TUNING.md"))
+        rows = read_runs(args.out)
+        write_report(rows, Path("docs/TUNING.md"))
+        print(recipes_literal(rows))
         return
     entries = [e for e in args.entries.split(",") if e] or tuning_entries(bank)
     grid = {g.split(":")[0]: [float(x) for x in g.split(":")[1].split(",")] for g in args.grid.split()}
