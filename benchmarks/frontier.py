@@ -139,9 +139,10 @@ def trained_rows(e: Entry, start: str, out: Path, done: set) -> list[dict]:
     return rows
 
 
-def budget_rows(e: Entry, budgets: list[float], done: set) -> list[dict]:
+def budget_rows(e: Entry, budgets: list[float], out: Path, done: set) -> list[dict]:
     """`generate --budget B` as a user runs it (validated on the valid split), scored on the test sample; its passes
-    are what the record says it spent (validation's generation is not in them)."""
+    are what the record says it spent (validation's generation is not in them). B = 0 is the gradient-free default,
+    validated: what `generate --budget 0` writes."""
     from lorablend.generate import generate
     from lorablend.runtime.evaluate import load_for_eval
 
@@ -158,7 +159,9 @@ def budget_rows(e: Entry, budgets: list[float], done: set) -> list[dict]:
             scores = e.per_example(model, "a")
             e.model = model.unload()
             _MODEL[e.model_id] = (e.model, e.tok)
-        rows.append(e.row(f"budget:{b:g}", 0, res.provenance.budget["spent"], scores, seconds)
+        spent = (res.provenance.budget["spent"] if res.provenance.budget else  # --budget 0: the blend tier's passes
+                 json.loads((out / "blends" / f"{e.name}.json").read_text())["passes"])
+        rows.append(e.row(f"budget:{b:g}", 0, spent, scores, seconds)
                     | {"won": res.verdict.written})
     return rows
 
@@ -180,7 +183,7 @@ def run(bank_root: str, entries: list[str], n: int, budgets: list[float], out: P
                 append(out, fixed_rows(e, out))
             for start in TUNED:
                 append(out, trained_rows(e, start, out, done))
-            append(out, budget_rows(e, budgets, done))
+            append(out, budget_rows(e, budgets, out, done))
             progress.advance(bar)
 
 
@@ -251,20 +254,21 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
         ks = [k for k in sorted({k[1] for k in by if k[0] == f"train:{s}"})]
         ax.plot([mean((f"train:{s}", k), "passes")[0] for k in ks], [mean((f"train:{s}", k))[0] for k in ks],
                 marker="o", label=f"trained from {s} (tuned)")
-    for what, marker in (("base", "x"), ("nearest", "s"), ("blend", "D")):
-        ax.scatter([mean((what, 0), "passes")[0]], [mean((what, 0))[0]], marker=marker, s=60, zorder=3,
+    for what, marker, color in (("base", "x", "black"), ("nearest", "s", "grey"), ("blend", "D", "purple")):
+        ax.scatter([mean((what, 0), "passes")[0]], [mean((what, 0))[0]], marker=marker, s=60, zorder=3, color=color,
                    label={"blend": "the default blend (gradient-free)"}.get(what, what))
-    for b in budgets:
-        ax.scatter([mean((b, 0), "passes", entries)[0]], [mean((b, 0), among=entries)[0]], marker="*", s=160, zorder=4,
-                   label=f"generate --budget {b.split(':')[1]}")
+    for b, color in zip(budgets, ("gold", "darkorange", "brown", "olive")):
+        ax.scatter([mean((b, 0), "passes", entries)[0]], [mean((b, 0), among=entries)[0]], marker="*", s=180,
+                   zorder=4, color=color, edgecolor="black", label=f"generate --budget {b.split(':')[1]} (validated)")
     own = mean(("own", 32))[0]
     if not np.isnan(own):
         ax.axhline(own, color="grey", ls="--", lw=1, label="the task's own 32-step LoRA")
     ax.set_xlabel("compute: forward-pass equivalents of the base model over 16 examples")
     ax.set_ylabel(f"mean Rouge-L ({len(common)} entries, family left out)")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=-0.3)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(plot, dpi=120)
 
