@@ -19,7 +19,7 @@ from lorablend.errors import InputError
 from lorablend.runtime.recipes import BLEND_ALONE, STEP_PASSES, TUNED, tuned
 from lorablend.runtime.starts import START_PASSES
 
-DEFAULT_BUDGET = 0.0  # what `generate` spends with no --budget (docs/FRONTIER.md, decision rule 3)
+DEFAULT_BUDGET = 15.0  # what `generate` spends with no --budget: docs/FRONTIER.md, decision rule 3 (5 entries)
 MAX_STEPS = 256  # a budget beyond this many steps is refused: it is a training run, not a few steps
 
 

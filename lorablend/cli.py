@@ -516,19 +516,22 @@ def generate_cmd(
     refine_steps: int = typer.Option(0, help="Then train the written adapter for S steps of the bank's recipe on your "
                                      "train examples (never the validation ones): gradient steps, starting from the "
                                      "blend. Off by default; docs/GUIDE.md 'When to use what'."),
-    budget: str = typer.Option("0", "--budget", help="Compute to spend, in forward-pass equivalents of the base model "
-                               "over 16 examples (e.g. 12), or as time (e.g. 3m): the blend where it pays, then tuned "
-                               "training steps from the best start; the validated best is written and the verdict "
-                               "names the path that won. 0: no training (the gradient-free path)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Compute to spend, in forward-pass equivalents of the "
+                                         "base model over 16 examples (e.g. 15), or as time (e.g. 3m): the blend where "
+                                         "it pays, then tuned training steps from the best start; the validated best "
+                                         "is written and the verdict names the path that won. 0: the gradient-free "
+                                         "path. [default: 15 with the default setting and validation, else 0]"),
 ):
-    """Turn a dataset into a LoRA adapter by combining bank adapters (no weight is trained).
+    """Turn a dataset into a LoRA adapter: a few tuned CPU training steps or a blend of bank adapters, whichever your
+    held-out examples say is better.
 
-    With no --setting and no setting options it runs the bench's best setting at its cost (docs/GUIDE.md, "Which setting");
-    --setting paper runs the paper's. Then, unless --no-validate, the user's held-out examples choose what is written."""
+    With no --setting and no setting options it spends the default budget (docs/FRONTIER.md): training steps from the
+    best start, validated against the nearest bank adapter and no adapter. --budget 0 combines bank adapters only (no
+    weight is trained): the bench's best setting, or --setting paper for the paper's."""
     from dataclasses import replace
 
     from lorablend.bank.manifest import Bank
-    from lorablend.budget import parse_budget, seconds_per_pass
+    from lorablend.budget import DEFAULT_BUDGET, parse_budget, seconds_per_pass
     from lorablend.dataset import load_dataset
     from lorablend.generate import generate
     from lorablend.settings import from_options
@@ -540,6 +543,8 @@ def generate_cmd(
     if defaulted and setting.rerank:  # the default's candidate count fits a bank smaller than the default one
         setting = setting.capped(len(b.entries) - 1)
     ds = load_dataset(dataset, seed=seed)
+    if budget is None:  # the default budget goes with the default setting; a chosen setting or path is run as asked
+        budget = str(DEFAULT_BUDGET) if defaulted and validate and not refine_steps else "0"
     passes = parse_budget(budget, lambda: seconds_per_pass(b.manifest.base_model, ds.split("train")))
     with console.status(f"generating an adapter from {len(b.entries)} bank entries ({setting.label})"
                         + (f" within {passes:.1f} forward-pass equivalents" if passes else "")):

@@ -510,10 +510,20 @@ def _(c):
 @case("adapter-shape-mismatch-default-setting", 2, r"adapters/code: module .*q_proj maps 48 -> 64 features but the base "
       r"model maps 64 -> 64; the adapters are not for one base model")
 def _(c):
-    def narrow(t):
-        t[f"{MODULE}.lora_A.weight"] = np.ascontiguousarray(t[f"{MODULE}.lora_A.weight"][:, :48])
-    c.tensors(narrow)
-    return c.gen("--validate", "--backend", "torch")  # the default setting: its rerank stacks the candidates
+    c.tensors(_narrow)
+    return c.gen("--validate", "--backend", "torch", "--budget", "0")  # the default setting: its rerank stacks them
+
+
+@case("adapter-shape-mismatch-default-budget", 2, r"entry code: module .*q_proj maps 48 -> 64 features but entry "
+      r"\w+ maps 64 -> 64; the adapters are not for one base model: remove entry code from the bank")
+def _(c):
+    c.tensors(_narrow)
+    return c.gen("--validate", "--backend", "torch")  # the default budget: the uniform candidate combines them all
+
+
+def _narrow(t):
+    """An adapter of another base model's shape: q_proj's A maps 48 features, not 64."""
+    t[f"{MODULE}.lora_A.weight"] = np.ascontiguousarray(t[f"{MODULE}.lora_A.weight"][:, :48])
 
 
 @case("adapter-shape-mismatch-grad", 2, r"adapters/code: module .*q_proj maps 48 -> 64 features but the base model")

@@ -49,9 +49,13 @@ def lora_config(r: int, alpha: float, target_modules, start: str):
 def estimate_gradient(model, config, backward_step) -> None:
     """LoRA-GA's preprocessing, PEFT's own: `backward_step()` runs the forward and backward passes whose mean
     gradient of the target weights PEFT attaches to each module for its initialisation."""
+    import warnings
+
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    preprocess_loraga(model, config, backward_step)
+    with warnings.catch_warnings():  # PEFT's counting hooks fire with no input needing a gradient: expected here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        preprocess_loraga(model, config, backward_step)
 
 
 @dataclass
