@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from lorablend.errors import InputError
-from lorablend.runtime.recipes import BLEND_ALONE, STEP_PASSES, TUNED, tuned
+from lorablend.runtime.recipes import BLEND_ALONE, STEP_PASSES, TUNED, tuned, tuned_budget
 from lorablend.runtime.starts import START_PASSES
 
 DEFAULT_BUDGET = 15.0  # what `generate` spends with no --budget: docs/FRONTIER.md, decision rule 3 (5 entries)
@@ -58,14 +58,8 @@ def plan(budget: float, blend_passes: float) -> Plan:
         left = budget - (blend_passes if blend else 0.0) - START_PASSES.get(start, 0.0)
         steps = min(MAX_STEPS, int(left // STEP_PASSES)) if left >= STEP_PASSES else 0
         if steps:
-            options.append(Plan(budget, blend, start, steps, blend_passes, table[_tuned_budget(steps)][2]))
+            options.append(Plan(budget, blend, start, steps, blend_passes, table[tuned_budget(steps)][2]))
     return max(options, key=lambda p: (p.expected, -p.passes))
-
-
-def _tuned_budget(steps: int) -> int:
-    from lorablend.runtime.recipes import BUDGET_STEPS
-
-    return max(b for b in BUDGET_STEPS if b <= steps)
 
 
 def parse_budget(text: str, seconds_per_pass=None) -> float:

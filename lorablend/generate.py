@@ -231,24 +231,35 @@ def generate(
         dataset, held, where = split_validation(dataset, seed)
     timings, spent = {}, {"passes": 0.0}
     p = budget_plan(budget, setting) if budget else None
+    nearest = None
     if p is None or p.blend:
         setting, coefs, calibration = blend_tier(bank, setting, dataset, excluded, exclude_family, seed, verify, timings,
                                                  spent)
     else:  # the budget buys no blend: the label-free nearest adapter stands in for it
-        coefs, calibration = nearest_coefficients(bank, dataset, excluded, seed), None
-    trained = None
+        coefs = nearest = nearest_coefficients(bank, dataset, excluded, seed)
+        calibration = None
+    trained, extra = None, []
     if p is not None and p.start:
+        from lorablend.budget import trained_name
+        from lorablend.validate import Candidate
+
         t1 = time.perf_counter()
         trained = budget_training(bank, dataset, p, coefs, setting, seed)
         spent["passes"] += trained[1]["passes"]
         timings["train_s"] = time.perf_counter() - t1
-    verdict, trained_won = None, False
+        extra = [Candidate(trained_name(p), f"lr {trained[1]['lr']:g}, warm-up {trained[1]['warmup']}", None,
+                           trained[0])]
+    verdict, won = None, None
     if validate:
         t1 = time.perf_counter()
-        verdict, coefs, trained_won = validated(bank, setting, coefs, dataset, held, where, excluded, seed,
-                                                uncertain=total_examples(full) < FEW_EXAMPLES, backend=backend,
-                                                pick=p is None or p.blend, trained=trained, plan=p)
+        verdict, won = validated(bank, setting, coefs, dataset, held, where, excluded, seed,
+                                 uncertain=total_examples(full) < FEW_EXAMPLES, backend=backend,
+                                 pick=p is None or p.blend, extra=extra, nearest=nearest)
         timings["validate_s"] = time.perf_counter() - t1
+        if won.factors is None:
+            coefs = won.coefficients
+        elif p.start != "blend":  # a trained adapter is written; the coefficients stay only when the blend started it
+            coefs = {}
         if require_gain and not verdict.helps:
             raise NoGain(f"{out}: not written: on {verdict.n} held-out examples no adapter beat the base model "
                          f"(best {verdict.written} {verdict.scores[verdict.written]:.3f}, base {verdict.base:.3f}); "
@@ -281,7 +292,7 @@ def generate(
                                        "training": trained[1] if trained else None},
     )
     t1 = time.perf_counter()
-    modules = trained[0] if trained_won else None
+    modules = won.factors if won is not None else None
     if refine_steps:
         modules, prov.refinement = refined(bank, combination(bank, coefs, setting.combine, setting.rank), dataset,
                                            refine_steps, seed)
@@ -372,30 +383,24 @@ def refined(bank: Bank, modules: dict[str, Factors], dataset: Dataset, steps: in
 
 
 def validated(bank: Bank, setting: Setting, coefs: dict[str, float], dataset: Dataset, held, where: dict,
-              excluded: list[str], seed: int, *, uncertain: bool, backend: str, pick: bool = True, trained=None,
-              plan=None):
-    """(the verdict, the coefficients to write, whether the trained adapter won and is to be written): the setting's pick
-    (when `pick`) and the trained adapter (when given) against the nearest adapter, the uniform average and no
+              excluded: list[str], seed: int, *, uncertain: bool, backend: str, pick: bool = True, extra=(),
+              nearest: dict[str, float] | None = None):
+    """(the verdict, the candidate written): the setting's pick (when `pick`) and the `extra` candidates (e.g. a
+    trained adapter) against the nearest adapter (`nearest`, when already computed), the uniform average and no
     adapter, on the held-out examples (`validate.validate`). Candidates equal to an earlier one are scored once."""
-    from lorablend.budget import trained_name
     from lorablend.validate import NEAREST_PICK, NO_ADAPTER, PICK, UNIFORM, Candidate, validate
 
     usable = [n for n in bank.names if n not in excluded]
+    nearest = nearest if nearest is not None else nearest_coefficients(bank, dataset, excluded, seed)
     tried = ([Candidate(PICK, setting.label, coefs)] if pick else []) + [
-        Candidate(NEAREST_PICK, NEAREST.label, nearest_coefficients(bank, dataset, excluded, seed)),
-        Candidate(UNIFORM, "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names})]
-    if trained is not None:
-        tried.append(Candidate(trained_name(plan), f"lr {trained[1]['lr']:g}, warm-up {trained[1]['warmup']}", None,
-                               trained[0]))
-    tried.append(Candidate(NO_ADAPTER, "", None))
+        Candidate(NEAREST_PICK, NEAREST.label, nearest),
+        Candidate(UNIFORM, "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names}),
+        *extra, Candidate(NO_ADAPTER, "", None)]
     unique = [c for j, c in enumerate(tried) if c.coefficients is None or all(
         _kept(c.coefficients) != _kept(o.coefficients) for o in tried[:j] if o.coefficients is not None)]
     verdict = validate(bank, unique, held, where | {"seed": seed}, combine=setting.combine, rank=setting.rank,
                        uncertain=uncertain, backend=backend, seed=seed)
-    won = next(c for c in unique if c.name == verdict.written)
-    if won.factors is not None:  # the coefficients stay only when the blend was the training's start
-        return verdict, coefs if plan.start == "blend" else {}, True
-    return verdict, won.coefficients, False
+    return verdict, next(c for c in unique if c.name == verdict.written)
 
 
 def _kept(coefs: dict[str, float]) -> dict[str, float]:

@@ -30,10 +30,14 @@ TUNED = {
 BLEND_ALONE = 0.130  # the blend itself (step 0 of the blend start) on the same entries
 
 
+def tuned_budget(steps: int) -> int:
+    """The tuned budget whose schedule `steps` steps run: the largest at or below it."""
+    return max(b for b in BUDGET_STEPS if b <= max(steps, 1))
+
+
 def tuned(start: str, steps: int, base: TrainConfig = TrainConfig()) -> TrainConfig:
     """`base` with the tuned schedule of `start` for `steps` steps (the largest tuned budget at or below it)."""
     if start not in TUNED:
         raise ValueError(f"no tuned schedule for the {start} start (tuned: {', '.join(TUNED)})")
-    k = max(b for b in BUDGET_STEPS if b <= max(steps, 1))
-    lr, warmup, _ = TUNED[start][k]
+    lr, warmup, _ = TUNED[start][tuned_budget(steps)]
     return replace(base, steps=steps, lr=lr, warmup=warmup, decay="constant", start=start)

@@ -94,9 +94,8 @@ def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed
     if at_step is not None:
         at_step(0, peft_model.eval(), shift)
     peft_model.train()
-    for step, (ids, labels, mask) in enumerate(batches(pairs, cfg, random.Random(seed), pad), 1):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = target_loss(causal_lm, ids, mask, labels)
+    for step, batch in enumerate(batches(pairs, cfg, random.Random(seed), pad), 1):
+        loss = _loss(causal_lm, batch, cfg)
         loss.backward()
         opt.step()
         sched.step()
@@ -113,13 +112,17 @@ def train_lora(model, tokenizer, examples: list[Example], cfg: TrainConfig, seed
 
 def _backward(model, pairs, cfg: TrainConfig, pad: int) -> None:
     """Forward and backward passes over `pairs` in training batches (the gradient LoRA-GA starts from)."""
+    for i in range(0, len(pairs), cfg.batch_size):
+        _loss(model, pad_pairs(pairs[i : i + cfg.batch_size], pad), cfg).backward()
+
+
+def _loss(model, batch, cfg: TrainConfig):
+    """The batch's target loss at the run's precision (bf16 autocast where the config says)."""
     import torch
 
-    for i in range(0, len(pairs), cfg.batch_size):
-        ids, labels, mask = pad_pairs(pairs[i : i + cfg.batch_size], pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = target_loss(model, ids, mask, labels)
-        loss.backward()
+    ids, labels, mask = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        return target_loss(model, ids, mask, labels)
 
 
 def refine_config(init: dict, cfg: TrainConfig = TrainConfig()) -> TrainConfig:
