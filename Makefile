@@ -6,7 +6,7 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/llamacpp.sh
 	bash scripts/setup.sh
 	touch $(STAMP)
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo test test-slow test-rebuild
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -17,3 +17,6 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow
+
+test-rebuild: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m rebuild

@@ -159,6 +159,11 @@ class AdapterReader:
             raise InputError(f"{path}: '{missing[0]}' is missing (a lora_A without its lora_B); the adapter is corrupt: "
                              "rebuild it or remove it from the bank")
 
+    def features(self, module: str) -> tuple[int, int]:
+        """(in, out) features of a module, from the header: what ties an adapter to one base model's shapes."""
+        a, b = (self._tensors[f"{PREFIX}{module}.lora_{ab}.weight"].get("shape") or [0, 0] for ab in "AB")
+        return int(a[-1]), int(b[0])
+
     def _tensor(self, key: str) -> np.ndarray:
         """float32: a read-only view into the map for F32, a converted copy for F16 / BF16."""
         meta = self._tensors[key]

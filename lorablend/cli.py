@@ -87,9 +87,14 @@ _TRAIN = TrainConfig()
 
 @bank_app.command("build")
 def bank_build(
-    tasks: List[Path] = typer.Option(..., "--tasks", help="Dataset files or a tasks.json list (repeatable)."),
+    tasks: List[str] = typer.Option(..., "--tasks", help="Dataset files, a tasks.json list, or a bank (a bank dir or "
+                                    "'default': its entries' datasets, names and families) (repeatable)."),
     out_dir: Path = typer.Option(..., "--out", help="Bank directory (created, or resumed)."),
     model: str = typer.Option(SMOLLM2_ID, help="Base model: hub id or local dir."),
+    model_id: Optional[str] = typer.Option(None, help="The hub id the bank records when --model is a local dir "
+                                           "lorablend does not know the id of (banks never record a path)."),
+    entries: Optional[str] = typer.Option(None, help="Only these tasks (comma-separated names), e.g. to rebuild some "
+                                          "entries of the default bank from --tasks default."),
     r: int = typer.Option(_TRAIN.r, help="LoRA rank."),
     alpha: float = typer.Option(_TRAIN.alpha, help="LoRA alpha."),
     target_modules: str = typer.Option(",".join(_TRAIN.target_modules), help="Comma-separated module names."),
@@ -99,17 +104,71 @@ def bank_build(
     seed: int = typer.Option(_TRAIN.seed, help="Base seed; each entry's seed is derived from it and the entry name."),
     eval_examples: int = typer.Option(_TRAIN.eval_examples, help="Test examples scored per entry (own adapter vs base model)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N tasks."),
+    executor: str = typer.Option("local", help="local (this process) | ray (entries as Ray tasks, written here)."),
+    ray_address: Optional[str] = typer.Option(None, help="A running Ray cluster (default: a local instance)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per entry (default: all cores here, 1 per Ray "
+                                          "task); an entry is bit-identical wherever it runs with the same threads."),
 ):
     """Train one LoRA per task on the CPU (resumable: finished entries are skipped)."""
-    from lorablend.bank.build import build_bank, read_tasks
+    from lorablend.bank.build import EXECUTORS, build_bank, read_tasks, select_tasks
+    from lorablend.errors import suggest
 
     if min(r, steps, batch_size) < 1 or lr <= 0 or alpha <= 0:
         raise InputError("--r, --steps and --batch-size must be >= 1, --lr and --alpha > 0")
+    if executor not in EXECUTORS:
+        raise suggest(executor, EXECUTORS, "executor")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
     cfg = TrainConfig(r=r, alpha=alpha, target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
                       steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_examples=eval_examples)
-    todo = read_tasks([str(t) for t in tasks])[:limit]
-    bank = build_bank(model, todo, out_dir, cfg, console=console)
-    out.print(f"bank {out_dir}: {len(bank.entries)} entries")
+    todo = read_tasks(tasks)
+    if entries:
+        todo = select_tasks(todo, [n.strip() for n in entries.split(",") if n.strip()])
+    report = build_bank(model, todo[:limit], out_dir, cfg, console=console, model_id=model_id, executor=executor,
+                        ray_address=ray_address, threads=threads)
+    out.print(f"bank {out_dir}: {len(report.bank.entries)} entries ({len(report.built)} built now)")
+    for name, reason in report.failed.items():
+        console.print(f"entry {name}: {reason}", style="red", markup=False, emoji=False, highlight=False, soft_wrap=True)
+    if report.failed:
+        raise LorablendError(f"{len(report.failed)} entr{'y' if len(report.failed) == 1 else 'ies'} failed (listed "
+                             "above); the others are in the bank: fix the cause and run the same command to retry them")
+
+
+@bank_app.command("add")
+def bank_add(
+    adapter: Path = typer.Argument(..., help="A PEFT LoRA adapter dir (adapter_config.json, adapter_model.safetensors)."),
+    bank: str = typer.Option(..., help="Bank directory, or 'default'."),
+    dataset: Path = typer.Option(..., help="Examples the adapter was trained on (a sample is enough)."),
+    name: Optional[str] = typer.Option(None, help="Entry name (default: the adapter dir's name)."),
+    family: Optional[str] = typer.Option(None, help="Entry family (entries of one family are left out together)."),
+):
+    """Add any PEFT LoRA for the bank's base model, with its data: it becomes a neighbour for the next task."""
+    from lorablend.bank.edit import add_entry, update_index
+    from lorablend.bank.manifest import Bank
+
+    b = Bank.open(bank)
+    entry = add_entry(b, adapter, dataset, name, family)
+    with console.status("indexing the new entry"):
+        kinds = update_index(b)
+    out.print(f"bank {b.root}: added {entry.name} ({len(b.entries)} entries"
+              + (f"; index updated: {', '.join(kinds)})" if kinds else "; no index yet: run `lorablend bank index`)"),
+              markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+
+@bank_app.command("remove")
+def bank_remove(
+    bank: str = typer.Argument(..., help="Bank directory, or 'default'."),
+    name: str = typer.Argument(..., help="The entry to remove."),
+):
+    """Remove an entry: its adapter, its dataset and its rows of the index."""
+    from lorablend.bank.edit import remove_entry, update_index
+    from lorablend.bank.manifest import Bank
+
+    b = Bank.open(bank)
+    remove_entry(b, name)
+    update_index(b)
+    out.print(f"bank {b.root}: removed {name} ({len(b.entries)} entries left)", markup=False, emoji=False,
+              highlight=False, soft_wrap=True)
 
 
 @bank_app.command("info")
@@ -512,7 +571,9 @@ def generate_cmd(
                                   "verdict. Adds a few greedy generations per candidate."),
     require_gain: bool = typer.Option(False, "--require-gain", help="Write nothing (exit 3) when no adapter beats the "
                                       "base model on the validation examples."),
-    backend: str = typer.Option("auto", help="Validation's generation backend: torch | llamacpp | auto."),
+    backend: str = typer.Option("auto", help="Where the model runs: torch | llamacpp | auto (scoring: torch where "
+                                "the CPU has native bf16 and the memory, else llama.cpp; validation: llama.cpp when "
+                                "the model has a GGUF)."),
     refine_steps: int = typer.Option(0, help="Then train the written adapter for S steps of the bank's recipe on your "
                                      "train examples (never the validation ones): gradient steps, starting from the "
                                      "blend. Off by default; docs/GUIDE.md 'When to use what'."),
@@ -556,6 +617,9 @@ def generate_cmd(
         out.print(f"calibrated on the bank: temperature {prov.temperature:g}, top-k {prov.top_k or 'all'} "
                   f"(mean relative reconstruction error {prov.calibration['loss']:.3f})")
         setting = replace(setting, temperature=prov.temperature, top_k=prov.top_k)
+    if result.scoring:
+        name = {"torch": "PyTorch", "llamacpp": "llama.cpp"}[result.scoring["backend"]]
+        out.print(f"model-based scoring on {name}: {result.scoring['why']}", markup=False, highlight=False)
     if prov.coefficients:
         out.print(_top_table(prov.coefficients, show, f"strongest coefficients ({setting.label})"))
     if prov.excluded:

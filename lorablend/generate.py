@@ -182,6 +182,7 @@ class Result:
     provenance: Provenance
     seconds: float
     verdict: "Verdict | None" = None
+    scoring: dict | None = None  # where the model-based steps ran and why (`model_scoring`)
 
 
 def generate(
@@ -234,7 +235,7 @@ def generate(
     nearest = None
     if p is None or p.blend:
         setting, coefs, calibration = blend_tier(bank, setting, dataset, excluded, exclude_family, seed, verify, timings,
-                                                 spent)
+                                                 spent, backend)
     else:  # the budget buys no blend: the label-free nearest adapter stands in for it
         coefs = nearest = nearest_coefficients(bank, dataset, excluded, seed)
         calibration = None
@@ -290,6 +291,7 @@ def generate(
         validation=verdict.to_dict() if verdict else None,
         budget=None if p is None else {"plan": p.to_dict(), "spent": spent["passes"],
                                        "training": trained[1] if trained else None},
+        scoring=spent["scoring"]["backend"] if "scoring" in spent else None,
     )
     t1 = time.perf_counter()
     modules = won.factors if won is not None else None
@@ -304,7 +306,8 @@ def generate(
         write_combination(bank, coefs, out, setting.combine, setting.rank, provenance=prov, force=force, dtype=dtype,
                           gguf=gguf)
     timings["write_s"] = time.perf_counter() - t1
-    return Result(out=out, provenance=prov, seconds=time.perf_counter() - t0, verdict=verdict)
+    return Result(out=out, provenance=prov, seconds=time.perf_counter() - t0, verdict=verdict,
+                  scoring=spent.get("scoring"))
 
 
 def _check_request(bank: Bank, setting: Setting, excluded: list[str], refine_steps: int, budget: float,
@@ -330,9 +333,12 @@ def _check_request(bank: Bank, setting: Setting, excluded: list[str], refine_ste
 
 
 def blend_tier(bank: Bank, setting: Setting, dataset: Dataset, excluded: list[str], exclude_family: bool, seed: int,
-               verify: bool, timings: dict, spent: dict):
-    """The gradient-free pipeline up to the coefficients: (the setting as run, its coefficients, the calibration)."""
-    t0, calibration = time.perf_counter(), None
+               verify: bool, timings: dict, spent: dict, backend: str = "torch"):
+    """The gradient-free pipeline up to the coefficients: (the setting as run, its coefficients, the calibration).
+    `spent["scoring"]` says where the model-based steps ran (`model_scoring`, from `backend`)."""
+    t0, calibration, make_scorer = time.perf_counter(), None, None
+    if setting.uses_model:
+        setting, make_scorer, spent["scoring"] = model_scoring(bank, setting, dataset, backend)
     # (metrics ce and grad: every candidate is scored by the model)
     d = np.zeros(len(bank.names)) if setting.distance is None else dataset_distances(bank, setting, dataset, seed)
     timings["distances_s"] = time.perf_counter() - t0
@@ -343,9 +349,39 @@ def blend_tier(bank: Bank, setting: Setting, dataset: Dataset, excluded: list[st
     if verify and setting.uses_model:  # the model-based steps read every candidate adapter
         verify_entries(bank, [n for n in bank.names if n not in excluded])
     t1 = time.perf_counter()
-    c = coefficient_row(bank, setting, d, excluded, dataset, spent=spent)
+    c = coefficient_row(bank, setting, d, excluded, dataset, spent=spent, make_scorer=make_scorer)
     timings["coefficients_s"] = time.perf_counter() - t1
     return setting, {n: float(w) for n, w in zip(bank.names, c)}, calibration
+
+
+def model_scoring(bank: Bank, setting: Setting, dataset: Dataset, backend: str):
+    """(the setting as it can run, a scorer factory for `coefficient_row` (None: torch's), {backend, why}).
+
+    `auto` asks `llamacpp.scoring_backend`: torch where its precision is native and its peak fits the free memory,
+    else llama.cpp over the model's GGUF. llama.cpp has no backward pass, so a union retriever keeps its
+    distributional half there (grad+js retrieves by js alone); the metric grad alone stays on torch."""
+    from lorablend.runtime.llamacpp import resolve_backend, scoring_backend
+
+    if backend == "auto":
+        chosen, why = scoring_backend(bank.manifest.base_model)
+    else:
+        chosen, why = resolve_backend(backend, bank.manifest.base_model), f"--backend {backend}"
+    if chosen == "torch" or setting.metric == "grad":
+        return setting, None, {"backend": "torch", "why": why if chosen == "torch" else "metric grad needs torch's "
+                                                                                      "backward pass"}
+    if setting.first_order:
+        why += f"; candidates retrieved by {setting.distance} alone (the first-order half needs torch's backward pass)"
+        setting = replace(setting, metric=setting.distance)
+    examples = dataset.split("train")[: setting.ce_examples]
+
+    def make_scorer(names: list[str]):
+        from lorablend.runtime.llamacpp import LlamaCppModel, LlamaCppScorer
+        from lorablend.runtime.models import load_tokenizer
+
+        return LlamaCppScorer(LlamaCppModel(bank.manifest.base_model), load_tokenizer(bank.manifest.base_model),
+                              [bank.adapter_path(bank.entry(n)) for n in names], examples)
+
+    return setting, make_scorer, {"backend": "llamacpp", "why": why}
 
 
 def nearest_coefficients(bank: Bank, dataset: Dataset, excluded: list[str], seed: int) -> dict[str, float]:

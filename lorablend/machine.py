@@ -18,6 +18,28 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+@functools.cache
+def bf16_kernels() -> str:
+    """Which bf16 kernels this CPU runs: amx, avx512_bf16 or none. Training in bf16 is bit-reproducible only within
+    one kind (and one torch): AMX and AVX512-BF16 accumulate in other orders."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "none"
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+
+
+def available_gib() -> float:
+    """Memory a new allocation can have now (MemAvailable), in GiB; inf where the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("inf")
+
+
 def busy_cores(interval: float = 0.3) -> float:
     """Cores kept busy now, from /proc/stat sampled over `interval` while this process waits; else the 1-minute
     load average. The load average lags: right after lorablend's own scoring it still counts that work."""

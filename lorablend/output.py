@@ -44,6 +44,7 @@ class Provenance:
     validation: dict | None = None  # the candidates' scores on held-out examples and the one written (validate.py)
     refinement: dict | None = None  # --refine-steps: the training steps run from the blend and their losses
     budget: dict | None = None  # --budget: the plan (blend tier, start, steps), the passes spent and the training record
+    scoring: str | None = None  # where the model-based steps ran: torch or llamacpp (the why is printed, not kept)
 
 
 def write_combination(bank: Bank, coefs: dict[str, float], out: Path, combine: str, rank: int | None = None, *,

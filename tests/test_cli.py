@@ -129,6 +129,10 @@ class Ctx:
         fn(t)  # edits t in place
         save_file(t, str(path))
 
+    def copy_adapter(self, extra: str = "rank8") -> Path:
+        """A copy of one of the extra adapters, outside the bank, as a user would `bank add` it."""
+        return Path(shutil.copytree(self.extras[extra], self.tmp / "mine-adapter", dirs_exist_ok=True))
+
     def rehash(self, entry: str = ENTRY) -> None:
         """Record the entry's current files in bank.json (as a rebuild would)."""
         from lorablend.bank.manifest import Bank
@@ -815,6 +819,75 @@ def _(c):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     base = json.loads((c.bank / "bank.json").read_text())["base_model"]
     return ["eval", "--dataset", str(c.dataset), "--adapter", str(c.adapter()), "--model", base, "--backend", "torch"]
+
+
+def _add(c, adapter=None, *extra: str) -> list[str]:
+    """`bank add` of a copy of an adapter (the rank-8 one by default) with the user's dataset."""
+    return ["bank", "add", str(adapter or c.copy_adapter()), "--bank", str(c.bank), "--dataset", str(c.dataset), *extra]
+
+
+@case("bank-add-other-base-model", 2, r"mine-adapter/adapter_config\.json: names base model 'other/model' but the bank's is '.*'; if it was trained on")
+def _(c):
+    adapter = c.copy_adapter()
+    c.edit_json(adapter / "adapter_config.json", lambda cfg: cfg.update(base_model_name_or_path="other/model"))
+    return _add(c, adapter)
+
+
+@case("bank-add-other-modules", 2, r"mine-adapter/adapter_model\.safetensors: adapts module .*k_proj, unlike the bank's entries \(e\.g\. animals\); every entry must adapt the same modules")
+def _(c):
+    return _add(c, c.copy_adapter("kproj"))
+
+
+@case("bank-add-dora", 2, r"mine-adapter/adapter_config\.json: DoRA adapter \(use_dora=true\) cannot be combined exactly")
+def _(c):
+    adapter = c.copy_adapter()
+    c.edit_json(adapter / "adapter_config.json", lambda cfg: cfg.update(use_dora=True))
+    return _add(c, adapter)
+
+
+@case("bank-add-half-copied", 2, r"mine-adapter/adapter_model\.safetensors: unreadable safetensors file \(truncated: .*\); re-download or rebuild it")
+def _(c):
+    path = c.copy_adapter() / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return _add(c, path.parent)
+
+
+@case("bank-add-missing-weights", 2, r"mine-adapter/adapter_model\.safetensors: adapter weights not found")
+def _(c):
+    adapter = c.copy_adapter()
+    (adapter / "adapter_model.safetensors").unlink()
+    return _add(c, adapter)
+
+
+@case("bank-add-missing-dataset", 2, r"nope\.jsonl: no such dataset file; give the examples the adapter was trained on")
+def _(c):
+    return _add(c, None, "--dataset", str(c.tmp / "nope.jsonl"))
+
+
+@case("bank-add-name-escapes-the-bank", 2, r"entry name '\.\./\.\./evil': use letters, digits")
+def _(c):
+    return _add(c, None, "--name", "../../evil")
+
+
+@case("bank-add-name-taken", 2, r"bank: already has an entry named 'code'; choose another --name, or remove it first")
+def _(c):
+    return _add(c, None, "--name", "code")
+
+
+@case("bank-add-ctrl-c-while-copying", 130, r"^interrupted; nothing half-written was left$")
+def _(c):
+    import lorablend.bank.build
+
+    def interrupted(*a, **k):  # after the adapter's files are in place, before its dataset
+        raise KeyboardInterrupt
+
+    c.monkeypatch.setattr(lorablend.bank.build, "save_dataset", interrupted)
+    return _add(c)
+
+
+@case("bank-remove-unknown-entry", 2, r"bank: no entry named 'nope' \(entries: animals")
+def _(c):
+    return ["bank", "remove", str(c.bank), "nope"]
 
 
 @case("bank-build-into-a-foreign-dir", 2, r"mydir: exists and is not a lorablend bank \(it holds notes\.txt and no bank\.json\); choose a new or empty --out")

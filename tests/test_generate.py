@@ -1,6 +1,7 @@
 """generate.py: end to end on a tiny bank, generate writes a PEFT adapter whose update is the exact combination."""
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -221,3 +222,28 @@ def test_union_retriever_takes_half_from_each_and_fewer_when_they_agree():
     assert np.flatnonzero(np.isfinite(retrieve_union(g, d, 3))).tolist() == [1, 3, 5]  # grad takes the odd one
     assert np.flatnonzero(np.isfinite(retrieve_union(g, g, 4))).tolist() == [1, 3]  # the same two twice
     assert np.isfinite(retrieve_union(g, d, 50)).sum() == 5  # never the excluded (inf) entry
+
+
+def test_scoring_on_llamacpp_reranks_what_torch_reranks(converted, tiny_bank, user_dataset, tmp_path):
+    """`--backend llamacpp` (what `auto` picks without native bf16 or the memory): the rerank's ce runs on
+    llama.cpp, the union retriever keeps its distributional half, and the pick is torch's for that setting."""
+    from lorablend.settings import parse_setting
+
+    root = shutil.copytree(tiny_bank, tmp_path / "bank")
+    manifest = json.loads((root / "bank.json").read_text())
+    manifest["base_model"] = manifest["tokenizer"] = str(converted["model"])  # the tiny model with its f32 GGUF
+    (root / "bank.json").write_text(json.dumps(manifest))
+    bank, ds = Bank.open(root), load_dataset(user_dataset)
+    for entry in bank.entries:  # the adapters name it too
+        config = bank.adapter_path(entry) / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(converted["model"])}))
+    runs = {}
+    for backend, setting in (("llamacpp", "target-tokens/grad+js/normalized/svd/top1/rerank3"),
+                             ("torch", "target-tokens/js/normalized/svd/top1/rerank3")):
+        result = generate(bank, ds, tmp_path / backend, parse_setting(setting), backend=backend)
+        runs[backend] = result
+    ours = runs["llamacpp"]
+    assert ours.scoring["backend"] == "llamacpp" and "retrieved by js alone" in ours.scoring["why"]
+    assert ours.provenance.metric == "js" and ours.provenance.scoring == "llamacpp"
+    assert ours.provenance.coefficients == runs["torch"].provenance.coefficients
+    assert runs["torch"].scoring == {"backend": "torch", "why": "--backend torch"}

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lorablend"
 LAYERS = [  # lowest first; a package name covers its modules
-    ("errors", "atomic", "stats", "machine", "lorablend"),
+    ("errors", "atomic", "stats", "machine", "cluster", "lorablend"),
     ("dataset", "sketch", "distances", "coefficients", "combine", "adapter", "bank", "runtime", "output"),
     ("settings",),
     ("generate", "validate", "budget"),

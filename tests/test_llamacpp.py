@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from conftest import make_dataset_file, run_main
 
@@ -152,3 +154,58 @@ def test_bench_llamacpp_backend(converted, tmp_path):
     assert sum(a == b for a, b in pairs) >= 0.75 * len(pairs), pairs
     with pytest.raises(InputError, match="backend"):
         run_bench(BenchConfig(results=tmp_path / "llamacpp", backend="torch", **common))
+
+
+def test_ce_through_llamacpp_equals_torch_on_the_f32_base(converted, tmp_path):
+    """The llama.cpp scorer's loss (runtime LoRA at a scale, the shared prefix once, logits at the targets only) is
+    torch's MixtureScorer's on the f32 model, for the base, the adapter, a fraction of it and a mixture: within
+    1e-4 relative, what llama.cpp's f16 KV cache leaves (the adapter moves it ~30 times more)."""
+    from lorablend.adapter import AdapterReader
+    from lorablend.dataset import load_dataset
+    from lorablend.runtime.llamacpp import LlamaCppModel, LlamaCppScorer
+    from lorablend.runtime.models import load_model, load_tokenizer
+    from lorablend.runtime.scoring import MixtureScorer
+
+    model_id = str(converted["model"])
+    tok = load_tokenizer(model_id)
+    examples = [e for topic in ("animals", "code") for e in  # two instructions: groups with and without a shared prefix
+                load_dataset(make_dataset_file(tmp_path / f"{topic}.jsonl", topic, n=12), name=topic).split("train")[:5]]
+    adapters = [converted["adapter"], converted["adapter"]]
+    lm = LlamaCppModel(model_id, n_threads=1, n_seq=4)
+    ours = LlamaCppScorer(lm, tok, adapters, examples)
+    torch_scorer = MixtureScorer(load_model(model_id), tok, [AdapterReader(a) for a in adapters], examples, bf16=False)
+    try:
+        for w in ([0, 0], [1, 0], [0.5, 0], [0.25, 1.5]):
+            assert ours.loss(w) == pytest.approx(torch_scorer.loss(w), rel=1e-4), w
+        assert np.allclose(ours.losses(), torch_scorer.losses(), rtol=1e-4)
+        base = ours.loss([0, 0])
+        assert abs(ours.loss([1, 0]) - base) > 20 * 1e-4 * base  # the adapter matters
+        assert ours.passes == 4 + 2 + 2  # one per loss evaluated
+    finally:
+        torch_scorer.close()
+        lm.close()
+
+
+@pytest.mark.parametrize("bf16, params, free, want", [
+    (True, 135e6, 20.0, "torch"),  # SmolLM2 anywhere
+    (True, 7.2e9, 20.0, "torch"),  # 7B on an AMX / AVX512-BF16 machine with 24 GB: 18.8 GB fits
+    (True, 7.2e9, 12.0, "llamacpp"),  # the same CPU in a 16 GB laptop
+    (False, 7.2e9, 24.0, "llamacpp"),  # no native bf16 and 24 GB: fp32 weights alone are 29 GB
+    (False, 1e9, 20.0, "torch"),  # a small model in fp32
+])
+def test_scoring_backend_follows_precision_and_memory(converted, monkeypatch, bf16, params, free, want):
+    import lorablend.machine
+    import lorablend.runtime.models
+    from lorablend.runtime.llamacpp import scoring_backend
+
+    monkeypatch.setattr(lorablend.machine, "native_bf16", lambda: bf16)
+    monkeypatch.setattr(lorablend.machine, "available_gib", lambda: free)
+    monkeypatch.setattr(lorablend.runtime.models, "parameter_count", lambda model_id: int(params))
+    chosen, why = scoring_backend(str(converted["model"]))
+    assert chosen == want and f"{free:.1f} GiB are free" in why
+
+
+def test_scoring_backend_without_a_gguf_is_torch(tiny_model_dir):
+    from lorablend.runtime.llamacpp import scoring_backend
+
+    assert scoring_backend(str(tiny_model_dir)) == ("torch", "the model has no GGUF for llama.cpp")

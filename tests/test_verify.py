@@ -80,7 +80,19 @@ def extra_module(bank_dir: Path) -> tuple[str, str]:
     return "weather", "module(s) the other entries do not"
 
 
-CORRUPTIONS = [flip_byte, truncate, delete_dir, write_nan, extra_module]
+def other_base_model(bank_dir: Path) -> tuple[str, str]:
+    """An adapter that names another base model (or, as the default bank's once did, a build machine's path)."""
+    import json
+
+    path = bank_dir / "adapters" / "code" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = "/work/cache/home/models/smollm2-135m-instruct"
+    path.write_text(json.dumps(config))
+    _rehash(bank_dir, "code")
+    return "code", "names base model '/work/cache/home/models/smollm2-135m-instruct' but the bank's is"
+
+
+CORRUPTIONS = [flip_byte, truncate, delete_dir, write_nan, extra_module, other_base_model]
 # Each case runs the CLI once; torch's import costs ~1.5 s of CPU per process, so only these go through
 # `python -m lorablend` in a subprocess (concurrently), the rest through the same `main()` in-process.
 SUBPROCESS = {"intact", "flip_byte", "truncate"}
@@ -186,3 +198,22 @@ def test_dataset_without_train_split(tiny_bank, tmp_path):
     problems = verify_bank(Bank.open(copy))
     assert [(p.entry, p.path.name) for p in problems] == [("code", "code.jsonl.gz")]
     assert "train" in problems[0].message
+
+
+def test_every_committed_adapter_names_the_banks_base_model():
+    """The default bank's adapters load anywhere: their base model is the hub id, as bank.json says, never a path."""
+    from lorablend.adapter import read_spec
+
+    bank = Bank.open("default")
+    assert {read_spec(bank.adapter_path(e)).base_model for e in bank.entries} == {bank.manifest.base_model}
+    assert verify_bank(bank, full_hash=True) == []
+
+
+@pytest.mark.slow
+def test_eval_runs_on_a_bank_entry_without_model(smollm2_dir, capsys):
+    bank = Bank.open("default")
+    entry = bank.entries[0]
+    code, out, err = _in_process(capsys, "eval", "--adapter", bank.adapter_path(entry), "--dataset",
+                                 bank.dataset_path(entry), "--limit", "2", "--backend", "torch")
+    assert code == 0, err
+    assert "Rouge-L" in out

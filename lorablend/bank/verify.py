@@ -124,16 +124,18 @@ def _check_adapter(bank: Bank, entry: BankEntry, full: bool):
         spec = read_spec(adir)
     except InputError as exc:
         return None, [Problem(entry.name, adir / CONFIG, _reason(exc, adir / CONFIG))]
+    problems: list[Problem] = []
+    if spec.base_model != bank.manifest.base_model:
+        problems.append(Problem(entry.name, adir / CONFIG, base_model_problem(spec.base_model, bank.manifest.base_model)))
     try:
         reader = AdapterReader(adir)
     except InputError as exc:
-        return None, [Problem(entry.name, weights, _reason(exc, weights, adir / CONFIG))]
+        return None, problems + [Problem(entry.name, weights, _reason(exc, weights, adir / CONFIG))]
     except Exception as exc:  # anything else the safetensors reader raises
-        return None, [Problem(entry.name, weights, f"unreadable ({_reason(exc)}); {REIMPORT}")]
+        return None, problems + [Problem(entry.name, weights, f"unreadable ({_reason(exc)}); {REIMPORT}")]
 
     from safetensors import safe_open
 
-    problems: list[Problem] = []
     found: dict[str, tuple[int, int]] = {}
     bad: list[str] = []  # shape / dtype problems, one line per entry
     try:
@@ -160,7 +162,7 @@ def _check_adapter(bank: Bank, entry: BankEntry, full: bool):
                                "(PEFT would refuse to load it)")
                 found[module] = (a_shape[1], b_shape[0])
     except Exception as exc:  # a header AdapterReader accepted but safetensors cannot slice
-        return None, [Problem(entry.name, weights, f"unreadable ({_reason(exc)}); {REIMPORT}")]
+        return None, problems + [Problem(entry.name, weights, f"unreadable ({_reason(exc)}); {REIMPORT}")]
     if bad:
         more = f" (and {len(bad) - 1} more problem(s) like it)" if len(bad) > 1 else ""
         problems.append(Problem(entry.name, weights, f"{bad[0]}{more}; the adapter is corrupt: {REIMPORT}"))
@@ -178,6 +180,13 @@ def _check_adapter(bank: Bank, entry: BankEntry, full: bool):
             first = corrupt[0].split("; the adapter is corrupt")[0]
             problems.append(Problem(entry.name, weights, f"{first}{more}; the adapter is corrupt: {REIMPORT}"))
     return found, problems
+
+
+def base_model_problem(recorded: str, bank_base: str) -> str:
+    """Why an adapter trained for another base model (or naming none, or a path) does not belong in the bank."""
+    said = f"names base model '{recorded}'" if recorded else "names no base model (base_model_name_or_path)"
+    return (f"{said} but the bank's is '{bank_base}'; if it was trained on '{bank_base}', set its "
+            "base_model_name_or_path to that id (a local path names a model on one machine only), else remove it")
 
 
 # --------------------------------------------------------------------------- #

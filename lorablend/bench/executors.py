@@ -10,7 +10,6 @@ from lorablend.bench.entry import EntryJob, EntryPlan
 from lorablend.bench.evaluator import EntryEvaluator
 from lorablend.bench.plan import BenchConfig, eval_key, slots_for
 from lorablend.bench.records import RecordStore
-from lorablend.errors import InputError
 from lorablend.settings import parse_setting
 
 
@@ -82,16 +81,9 @@ def _execute_ray(jobs: list[EntryJob], cfg: BenchConfig, threads: int, store: Re
     Workers read the bank and write records by path: on a cluster, the bank and the results dir
     must be on a filesystem every node sees at the same path.
     """
-    try:
-        import ray
-    except ImportError:
-        raise InputError("--executor ray needs Ray: pip install 'lorablend[ray]'") from None
-    started = not ray.is_initialized()
-    if started and cfg.ray_address:
-        ray.init(address=cfg.ray_address, log_to_driver=False, logging_level="ERROR")
-    elif started:  # a local instance (its workers inherit this process's environment: cache, offline mode)
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
+    from lorablend.cluster import ray_session
+
+    with ray_session(cfg.ray_address) as ray:
         task = ray.remote(num_cpus=threads)(_ray_entry)
         pending = [task.remote(job, threads) for job in jobs]
 
@@ -102,9 +94,6 @@ def _execute_ray(jobs: list[EntryJob], cfg: BenchConfig, threads: int, store: Re
             return not pending
 
         _watch(wait_some, store, advance)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_entry(job: EntryJob, on_record=None) -> int:

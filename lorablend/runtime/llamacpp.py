@@ -30,7 +30,10 @@ import numpy as np
 from lorablend.errors import InputError
 from lorablend.machine import busy_cores
 from lorablend.runtime.models import model_gguf
-from lorablend.runtime.prompts import PromptFormat, common_prefix, end_of_turn_id, prompt_ids
+from lorablend.dataset import Example
+from lorablend.runtime.prompts import (PromptFormat, common_prefix, end_of_turn_id, prompt_ids, prompt_len,
+                                       training_pair)
+from lorablend.runtime.scoring import Scorer
 
 BACKENDS = ("auto", "torch", "llamacpp")
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
@@ -85,6 +88,31 @@ def resolve_backend(backend: str, model_id: str) -> str:
     return "llamacpp"
 
 
+TORCH_PEAK = 1.3  # the torch path's peak RSS over its weights' bytes (7B bf16: 18.3 GB for 14.5 GB, PERFORMANCE.md)
+
+
+def scoring_backend(model_id: str) -> tuple[str, str]:
+    """Where the model-based scoring runs, and why in a few words: torch where the CPU has native bf16 (or the model
+    is small enough for fp32) and its peak fits the free memory; llama.cpp over the model's GGUF otherwise."""
+    from lorablend.machine import available_gib, native_bf16
+    from lorablend.runtime.models import parameter_count
+
+    if not available():
+        return "torch", "llama.cpp is not installed"
+    if model_gguf(model_id) is None:
+        return "torch", "the model has no GGUF for llama.cpp"
+    params = parameter_count(model_id)
+    if params is None:
+        return "torch", "the model's size is unknown here"
+    bf16 = native_bf16()
+    need = TORCH_PEAK * params * (2 if bf16 else 4) / 2**30
+    free = available_gib()
+    precision = "bf16, native on this CPU" if bf16 else "fp32, as this CPU has no native bf16"
+    if need <= free:
+        return "torch", f"its {precision} needs ~{need:.1f} GiB and {free:.1f} GiB are free"
+    return "llamacpp", f"torch in {precision} would need ~{need:.1f} GiB and {free:.1f} GiB are free"
+
+
 class LlamaCppModel:
     """A GGUF base model with named GGUF LoRA adapters, answering like `evaluate.generate_answers`.
 
@@ -121,7 +149,7 @@ class LlamaCppModel:
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora_p
         self._files: dict[str, Path] = {}
         self._active: str | None = None  # what set_adapter asked for
-        self._applied: str | None = None  # what the context runs with
+        self._applied: tuple | None = None  # the (adapter, scale) pairs the context runs with
         self._cached: list[int] = []  # the tokens in sequence 0's KV cache (computed under `_applied`)
         self._context(min(N_CTX, self.max_ctx))
 
@@ -193,18 +221,25 @@ class LlamaCppModel:
             self._active = old
 
     def _apply(self, name: str | None) -> None:
-        if name == self._applied:
+        self._apply_mixture({} if name is None else {name: 1.0})
+
+    def _apply_mixture(self, scales: dict[str, float]) -> None:
+        """Run the context with these adapters at these scales (llama.cpp adds their updates: a mixture, exactly)."""
+        scales = {n: float(w) for n, w in scales.items() if w != 0}
+        key = tuple(sorted(scales.items()))
+        if key == self._applied:
             return
         lib = self._lib
-        if name is None:
+        if not scales:
             rc = lib.llama_set_adapters_lora(self.ctx, None, 0, None)
         else:
-            handles = (lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
-            scales = (ctypes.c_float * 1)(1.0)
-            rc = lib.llama_set_adapters_lora(self.ctx, handles, 1, scales)
+            names = sorted(scales)
+            handles = (lib.llama_adapter_lora_p_ctypes * len(names))(*(self._adapters[n] for n in names))
+            values = (ctypes.c_float * len(names))(*(scales[n] for n in names))
+            rc = lib.llama_set_adapters_lora(self.ctx, handles, len(names), values)
         if rc != 0:
-            raise RuntimeError(f"llama.cpp could not switch to adapter {name!r} (code {rc})")
-        self._applied = name
+            raise RuntimeError(f"llama.cpp could not switch to adapters {sorted(scales)} (code {rc})")
+        self._applied = key
         self._cached = []  # the KV cache was computed with other weights
 
     # -- generation ----------------------------------------------------------------------
@@ -235,14 +270,7 @@ class LlamaCppModel:
 
     def _group(self, prompts: list[list[int]], max_new_tokens: int, stop: set[int]) -> list[list[int]]:
         lib, mem = self._lib, self._mem
-        shared = min(len(p) for p in prompts) - 1  # every sequence evaluates at least its last prompt token
-        for p in prompts[1:]:
-            shared = min(shared, common_prefix(prompts[0], p))
-        keep = common_prefix(self._cached, prompts[0][:shared])
-        lib.llama_memory_seq_rm(mem, 0, keep, -1)
-        self._decode([(t, keep + i, 0) for i, t in enumerate(prompts[0][keep:shared])], set())
-        for seq in range(1, len(prompts)):
-            lib.llama_memory_seq_cp(mem, 0, seq, -1, -1)  # a whole-stream copy, done by the next decode
+        shared = self._share_prefix(prompts)
         items, last = [], set()
         for seq, p in enumerate(prompts):
             items += [(t, shared + i, seq) for i, t in enumerate(p[shared:])]
@@ -266,8 +294,50 @@ class LlamaCppModel:
         self._cached = (prompts[0] + answers[0])[: lib.llama_memory_seq_pos_max(mem, 0) + 1]
         return answers
 
-    def _decode(self, items: list[tuple[int, int, int]], logits: set[int]) -> list[int]:
-        """Evaluate (token, position, sequence) items; the argmax token after each item index in `logits`."""
+    # -- scoring -------------------------------------------------------------------------
+    def target_nll(self, pairs: list[tuple[list[int], list[int]]], scales: dict[str, float]) -> tuple[float, int]:
+        """(sum of the target tokens' negative log-likelihoods, their count) of `training_pair`s under the base plus
+        the adapters at `scales` ({} for the base alone): torch's `target_loss` is the ratio. `n_seq` examples run
+        as parallel sequences, their common prefix once; logits are read at the target positions only."""
+        for name in scales:
+            self._check_adapter(name)
+        self._context(max(len(ids) for ids, _ in pairs))
+        self._apply_mixture(scales)
+        total, count = 0.0, 0
+        for start in range(0, len(pairs), self.n_seq):
+            group = pairs[start : start + self.n_seq]
+            shared = self._share_prefix([ids[: prompt_len(labels)] for ids, labels in group])  # ends in every prompt
+            items, wanted, targets = [], set(), []
+            for seq, (ids, labels) in enumerate(group):
+                for pos in range(shared, len(ids)):
+                    items.append((ids[pos], pos, seq))
+                    if pos + 1 < len(labels) and labels[pos + 1] != -100:
+                        wanted.add(len(items) - 1)
+                        targets.append(labels[pos + 1])
+            nll = self._decode(items, wanted, read=_nll_reader(targets))
+            total += float(np.sum(nll))
+            count += len(targets)
+        return total, count
+
+    def _share_prefix(self, prompts: list[list[int]]) -> int:
+        """Evaluate the prompts' common prefix once in sequence 0 (reusing what its cache holds) and copy it to the
+        other sequences; returns its length (each sequence still evaluates at least its last token)."""
+        lib, mem = self._lib, self._mem
+        shared = min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            shared = min(shared, common_prefix(prompts[0], p))
+        keep = common_prefix(self._cached, prompts[0][:shared])
+        lib.llama_memory_seq_rm(mem, 0, keep, -1)
+        self._decode([(t, keep + i, 0) for i, t in enumerate(prompts[0][keep:shared])], set())
+        for seq in range(1, len(prompts)):
+            lib.llama_memory_seq_cp(mem, 0, seq, -1, -1)  # a whole-stream copy, done by the next decode
+        self._cached = prompts[0][:shared]
+        return shared
+
+    def _decode(self, items: list[tuple[int, int, int]], logits: set[int], read=None) -> list:
+        """Evaluate (token, position, sequence) items; for the item indices in `logits`, in order, what `read` takes
+        from their logit rows (by default the argmax token)."""
+        read = read or (lambda rows: np.argmax(rows, axis=1).tolist())
         lib, batch, out = self._lib, self._batch, []
         for start in range(0, len(items), N_BATCH):
             piece = items[start : start + N_BATCH]
@@ -282,8 +352,7 @@ class LlamaCppModel:
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed (code {rc})")
             if n_out:
-                rows = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
-                out += np.argmax(rows, axis=1).tolist()
+                out += read(np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)))
         return out
 
     def generate_answers(self, tokenizer, examples, *, max_new_tokens: int, fmt: PromptFormat = PromptFormat(),
@@ -322,6 +391,45 @@ class LlamaCppModel:
         self.model = self.ctx = None
 
     __del__ = close
+
+
+class LlamaCppScorer(Scorer):
+    """The `Scorer` on llama.cpp: the bank's candidates as GGUF LoRAs applied at run time over one loaded base GGUF
+    (quantized or not), a mixture as their scales. It needs no native bf16 and holds the base in its own type:
+    at 7B, 4-8 GB where the torch path holds 14.5 GB of bf16 weights."""
+
+    def __init__(self, model: LlamaCppModel, tokenizer, adapter_dirs: list[str | Path], examples: list[Example],
+                 fmt: PromptFormat = PromptFormat()):
+        if not examples:
+            raise InputError("the model-based steps (ce, grad, rerank, fit) need labelled train examples; the dataset has none")
+        self.model = model
+        self.names = [f"candidate-{i}" for i in range(len(adapter_dirs))]
+        model.load_adapters(dict(zip(self.names, adapter_dirs)))
+        self.pairs = [training_pair(tokenizer, e, fmt) for e in examples]
+        self.weights = np.zeros(len(adapter_dirs))
+        self.evaluations = 0
+
+    def loss(self, weights) -> float:
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.evaluations += 1
+        total, count = self.model.target_nll(self.pairs, dict(zip(self.names, self.weights.tolist())))
+        return total / count
+
+
+def _nll_reader(targets: list[int]):
+    """A `_decode` reader: -log p(target) of each row in turn, in float64 (log-softmax over the vocabulary)."""
+    done = 0
+
+    def read(rows: np.ndarray) -> list[float]:
+        nonlocal done
+        rows = rows.astype(np.float64)
+        top = rows.max(axis=1)
+        lse = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+        want = np.asarray(targets[done : done + len(rows)])
+        done += len(rows)
+        return (lse - rows[np.arange(len(rows)), want]).tolist()
+
+    return read
 
 
 def _init_backend(lib) -> None:

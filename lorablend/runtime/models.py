@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import platformdirs
 
-from lorablend.atomic import atomic_dir
+from lorablend.atomic import atomic_dir, write_json
 from lorablend.errors import InputError
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -209,13 +210,51 @@ def fetch_smollm2(progress: bool = True) -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A local model dir, or a hub id for from_pretrained; SmolLM2 maps to the offline copy."""
+    """A local model dir, or a hub id for from_pretrained; SmolLM2 maps to the offline copy, an id whose local copy
+    lorablend was shown (`remember_local`) to that copy."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path)
     if ALIASES.get(name_or_path.lower(), name_or_path) == SMOLLM2_ID:
         return str(fetch_smollm2())
-    return name_or_path
+    local = _local_copies().get(name_or_path)
+    return local if local and Path(local).is_dir() else name_or_path
+
+
+def hub_id(name_or_path: str) -> str | None:
+    """The hub id that names a model on every machine (what banks and adapters record), or None for a local
+    dir that does not say which hub model it is: a path names a model only on the machine that has it."""
+    name = ALIASES.get(name_or_path.lower(), name_or_path)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None if path.is_absolute() else name
+    try:
+        recorded = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8")).get("model_id")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    return next((i for i, p in _local_copies().items() if Path(p).resolve() == path.resolve()), None)
+
+
+def _local_copies_file() -> Path:
+    return lorablend_home() / "models" / "local-copies.json"
+
+
+def _local_copies() -> dict[str, str]:
+    try:
+        raw = json.loads(_local_copies_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def remember_local(model_id: str, model_dir: str | Path) -> None:
+    """Record that `model_dir` holds `model_id` on this machine: banks and adapters name the id, and lorablend
+    loads this copy for it (a model that is not on the hub, or an offline machine)."""
+    copies = _local_copies()
+    copies[model_id] = str(Path(model_dir).expanduser().resolve())
+    write_json(_local_copies_file(), dict(sorted(copies.items())))
 
 
 def _load_error(name_or_path: str, err: Exception) -> InputError:
@@ -282,6 +321,23 @@ def _load_tokenizer(resolved: str):
 
 
 GGUF_ENV = "LORABLEND_LLAMACPP_GGUF"  # a base GGUF to run instead of the model's own (e.g. the exact F32 file)
+
+
+def parameter_count(model_id: str) -> int | None:
+    """The model's parameters, from its safetensors headers (no tensor read), or None when it is not on disk here."""
+    from safetensors import safe_open
+
+    path = Path(resolve_model(model_id))
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="np") as fh:
+            for key in fh.keys():
+                shape = fh.get_slice(key).get_shape()
+                total += int(np.prod(shape)) if shape else 1
+    return total
 
 
 def model_gguf(model_id: str) -> Path | None:

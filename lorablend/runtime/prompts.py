@@ -70,6 +70,11 @@ def training_pair(tokenizer, example: Example, fmt: PromptFormat = PromptFormat(
     return p + t, [-100] * len(p) + t
 
 
+def prompt_len(labels: list[int]) -> int:
+    """Tokens before the first target token of a `training_pair`'s labels."""
+    return next((i for i, t in enumerate(labels) if t != -100), len(labels))
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """The length of the common prefix of two token lists (prompts share their chat header and instruction)."""
     n = 0

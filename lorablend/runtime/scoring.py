@@ -31,7 +31,7 @@ from lorablend.adapter import AdapterReader, check_shapes
 from lorablend.dataset import Example
 from lorablend.errors import InputError
 from lorablend.machine import native_bf16
-from lorablend.runtime.prompts import PromptFormat, common_prefix, pad_pairs, training_pair
+from lorablend.runtime.prompts import PromptFormat, common_prefix, pad_pairs, prompt_len, training_pair
 
 CE_EXAMPLES = 16
 FIRST_ORDER_PASSES = 3  # forward-pass equivalents of one forward + backward pass (a backward costs ~2 forwards)
@@ -106,15 +106,10 @@ def encode(tokenizer, examples: list[Example], fmt: PromptFormat = PromptFormat(
     shared = 0
     if share_prefix:
         shared = max(0, min([common_prefix(pairs[0][0], ids) for ids, _ in pairs]
-                            + [_prompt_len(lab) - 1 for _, lab in pairs]))
+                            + [prompt_len(lab) - 1 for _, lab in pairs]))
     prefix = torch.tensor([pairs[0][0][:shared]]) if shared else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Batch(prefix, *pad_pairs([(ids[shared:], lab[shared:]) for ids, lab in pairs], pad))
-
-
-def _prompt_len(labels: list[int]) -> int:
-    """Tokens before the first target token."""
-    return next((i for i, t in enumerate(labels) if t != -100), len(labels))
 
 
 @dataclass
@@ -127,47 +122,12 @@ class _Stack:
     scale: "torch.Tensor"  # (R,): that candidate's own scaling
 
 
-class MixtureScorer:
-    """Loss of k labelled examples under base + Σ_i w_i · (adapter i), for any weights w."""
+class Scorer:
+    """The loss of k labelled examples under the base plus any mixture of candidate adapters, one pass per loss;
+    subclasses run the pass (torch hooks here, llama.cpp's runtime LoRA in `llamacpp.LlamaCppScorer`)."""
 
-    def __init__(self, model, tokenizer, readers: list[AdapterReader], examples: list[Example],
-                 fmt: PromptFormat = PromptFormat(), bf16: bool | None = None, share_prefix: bool = True):
-        import torch
-
-        self.model, self.bf16 = model, native_bf16() if bf16 is None else bf16
-        self.weights = torch.zeros(len(readers))
-        self.evaluations = 0
-        self._batch = encode(tokenizer, examples, fmt, share_prefix)
-        self._stacks = {m: self._stack(readers, m, model.get_submodule(m).weight) for m in readers[0].modules}
-        self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in self._stacks]
-
-    @staticmethod
-    def _stack(readers: list[AdapterReader], module: str, weight) -> _Stack:
-        import torch
-
-        fs = [r.factors(module) for r in readers]
-        check_shapes(module, [str(r.path.parent) for r in readers], fs, tuple(weight.shape))
-        return _Stack(
-            A=torch.from_numpy(np.concatenate([f.A for f in fs])),
-            B=torch.from_numpy(np.concatenate([f.B for f in fs], axis=1)),
-            owner=torch.tensor([i for i, f in enumerate(fs) for _ in range(f.rank)]),
-            scale=torch.tensor([f.scale for f in fs for _ in range(f.rank)], dtype=torch.float32),
-        )
-
-    def _hook(self, module: str):
-        def add_update(_layer, inputs, output):
-            if not self.weights.any():
-                return output
-            st = self._stacks[module]
-            coef = (self.weights[st.owner] * st.scale).to(output.dtype)
-            x = inputs[0]
-            return output + ((x @ st.A.to(x.dtype).T) * coef) @ st.B.to(x.dtype).T
-
-        return add_update
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
+    evaluations: int
+    weights: "torch.Tensor | np.ndarray"
 
     @property
     def passes(self) -> int:
@@ -175,13 +135,11 @@ class MixtureScorer:
         return self.evaluations
 
     def loss(self, weights) -> float:
-        """Mean per-token cross-entropy of the targets (logits only at target positions)."""
-        import torch
+        """Mean per-token cross-entropy of the targets with the candidates at `weights`."""
+        raise NotImplementedError
 
-        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
-        self.evaluations += 1
-        with torch.inference_mode():
-            return float(self._batch.loss(self.model, self.bf16))
+    def close(self) -> None:
+        pass
 
     def losses(self) -> np.ndarray:
         """The loss with each candidate alone, one pass each: all a ranking needs (the operators are invariant to
@@ -226,6 +184,57 @@ class MixtureScorer:
                        options={"maxfev": budget, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4})
         return weights(res.x)  # Nelder–Mead returns the best point it evaluated, z0 included
 
+
+class MixtureScorer(Scorer):
+    """Loss of k labelled examples under base + Σ_i w_i · (adapter i), for any weights w."""
+
+    def __init__(self, model, tokenizer, readers: list[AdapterReader], examples: list[Example],
+                 fmt: PromptFormat = PromptFormat(), bf16: bool | None = None, share_prefix: bool = True):
+        import torch
+
+        self.model, self.bf16 = model, native_bf16() if bf16 is None else bf16
+        self.weights = torch.zeros(len(readers))
+        self.evaluations = 0
+        self._batch = encode(tokenizer, examples, fmt, share_prefix)
+        self._stacks = {m: self._stack(readers, m, model.get_submodule(m).weight) for m in readers[0].modules}
+        self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in self._stacks]
+
+    @staticmethod
+    def _stack(readers: list[AdapterReader], module: str, weight) -> _Stack:
+        import torch
+
+        fs = [r.factors(module) for r in readers]
+        check_shapes(module, [str(r.path.parent) for r in readers], fs, tuple(weight.shape))
+        return _Stack(
+            A=torch.from_numpy(np.concatenate([f.A for f in fs])),
+            B=torch.from_numpy(np.concatenate([f.B for f in fs], axis=1)),
+            owner=torch.tensor([i for i, f in enumerate(fs) for _ in range(f.rank)]),
+            scale=torch.tensor([f.scale for f in fs for _ in range(f.rank)], dtype=torch.float32),
+        )
+
+    def _hook(self, module: str):
+        def add_update(_layer, inputs, output):
+            if not self.weights.any():
+                return output
+            st = self._stacks[module]
+            coef = (self.weights[st.owner] * st.scale).to(output.dtype)
+            x = inputs[0]
+            return output + ((x @ st.A.to(x.dtype).T) * coef) @ st.B.to(x.dtype).T
+
+        return add_update
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def loss(self, weights) -> float:
+        """Mean per-token cross-entropy of the targets (logits only at target positions)."""
+        import torch
+
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        self.evaluations += 1
+        with torch.inference_mode():
+            return float(self._batch.loss(self.model, self.bf16))
 
 class FirstOrderScorer:
     """Every adapter's first-order change of the examples' loss, from one backward pass at the base model.

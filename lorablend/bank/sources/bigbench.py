@@ -1,7 +1,8 @@
 """Real task data offline: the 61 Natural Instructions subtasks inside the BIG-bench sdist.
 
-The sdist (`bigbench==1.0.0` on PyPI, 358 MB) is fetched with pip, never
-installed; each `task.json` becomes a compact lorablend dataset with a seeded
+The sdist (`bigbench==1.0.0`, 358 MB) was fetched with pip, never installed; the registry no longer serves it
+(2026-12), so it is read from `--sdist` where a user still has it, and the default bank's own datasets
+(`bank build --tasks default`) are the route for everyone else; each `task.json` becomes a compact lorablend dataset with a seeded
 train/valid/test split, and `tasks.json` lists them with their family (the
 source dataset the subtask was built from), which `--holdout family` needs.
 """
@@ -41,8 +42,9 @@ def fetch_sdist(dest: Path | None = None) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not path.exists():
         raise LorablendError(
-            "could not download the bigbench==1.0.0 sdist with pip (newer pips refuse its metadata); "
-            f"run `pip download --no-deps bigbench==1.0.0` with pip<24 and pass --sdist {SDIST}"
+            f"could not download {SDIST} with pip (the registry no longer serves bigbench==1.0.0, only 0.0.1, which "
+            "holds no tasks); the default bank's datasets are committed with it: rebuild its entries with `lorablend "
+            "bank build --tasks default --out DIR [--entries NAMES]`, or pass --sdist FILE if you have the sdist"
         )
     return path
 
