@@ -145,7 +145,7 @@ def main(argv=None) -> None:
 
     entries = args.entries.split(",") if args.entries else Bank.open("default").names
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:  # the GGUFs go with it
+    with tempfile.TemporaryDirectory(prefix="ce-backends-") as tmp:  # the GGUFs go with it
         run(entries, args.out, Path(tmp))
 
 
