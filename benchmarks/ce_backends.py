@@ -1,6 +1,6 @@
 """Does llama.cpp's ce over a quantized base rank the bank's adapters as torch's does?
 
-    python -m benchmarks.ce_backends --entries E1,E2 --out docs/results-ce-backends     # resumable, in chunks
+    python -m benchmarks.ce_backends --entries E1,E2 --threads 1 --out docs/results-ce-backends   # resumable, in chunks
     python -m benchmarks.ce_backends --report --out docs/results-ce-backends            # docs/CE-BACKENDS.md
 
 For each entry of the default bank taken as the user's task: its first 16 train examples (as `generate` scores), and
@@ -57,7 +57,7 @@ def quantize(f32: Path, out: Path, kind: str) -> Path:
     return out
 
 
-def run(entries: list[str], out: Path, tmp: Path) -> None:
+def run(entries: list[str], out: Path, tmp: Path, threads: int = 1) -> None:
     from lorablend.adapter import AdapterReader
     from lorablend.bank.manifest import Bank
     from lorablend.dataset import load_dataset
@@ -87,7 +87,7 @@ def run(entries: list[str], out: Path, tmp: Path) -> None:
                 ggufs["f32"] = dequantize_gguf(smollm2_gguf(), tmp / "base-f32.gguf", "f32")
             if kind not in ggufs:
                 ggufs[kind] = quantize(ggufs["f32"], tmp / f"base-{kind}.gguf", kind)
-            lm = LlamaCppModel(model_id, n_threads=1, gguf=ggufs[kind])
+            lm = LlamaCppModel(model_id, n_threads=threads, gguf=ggufs[kind])
 
             def scorer(names, examples, lm=lm):
                 return LlamaCppScorer(lm, tok, [bank.adapter_path(bank.entry(n)) for n in names], examples)
@@ -136,6 +136,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entries", help="comma-separated; default: every entry of the default bank")
     ap.add_argument("--out", type=Path, default=Path("docs/results-ce-backends"))
+    ap.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads")
     ap.add_argument("--report", action="store_true", help="print the agreement table from losses.csv")
     args = ap.parse_args(argv)
     if args.report:
@@ -143,10 +144,13 @@ def main(argv=None) -> None:
         return
     from lorablend.bank.manifest import Bank
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     entries = args.entries.split(",") if args.entries else Bank.open("default").names
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ce-backends-") as tmp:  # the GGUFs go with it
-        run(entries, args.out, Path(tmp))
+        run(entries, args.out, Path(tmp), args.threads)
 
 
 if __name__ == "__main__":
