@@ -58,6 +58,7 @@ def quantize(f32: Path, out: Path, kind: str) -> Path:
 
 
 def run(entries: list[str], out: Path, tmp: Path, threads: int = 1) -> None:
+    """Entry by entry, every backend, so that a chunk stopped at its time limit leaves whole entries."""
     from lorablend.adapter import AdapterReader
     from lorablend.bank.manifest import Bank
     from lorablend.dataset import load_dataset
@@ -70,32 +71,29 @@ def run(entries: list[str], out: Path, tmp: Path, threads: int = 1) -> None:
     model_id = bank.manifest.base_model
     tok = load_tokenizer(model_id)
     done = {(r["entry"], r["backend"]) for r in read(out)}
-    ggufs: dict[str, Path] = {}
-    for backend in BACKENDS:
-        todo = [e for e in entries if (e, backend) not in done]
-        if not todo:
-            continue
+    loaded: dict[str, object] = {}
+
+    def scorer(backend: str, names: list[str], examples):
         if backend == "torch-f32":
-            model = load_model(model_id)
-
-            def scorer(names, examples):
-                return MixtureScorer(model, tok, [AdapterReader(bank.adapter_path(bank.entry(n))) for n in names],
-                                     examples, bf16=False)
-        else:
+            if backend not in loaded:
+                loaded[backend] = load_model(model_id)
+            return MixtureScorer(loaded[backend], tok, [AdapterReader(bank.adapter_path(bank.entry(n))) for n in names],
+                                 examples, bf16=False)
+        if backend not in loaded:
             kind = backend.split("-")[1]
-            if "f32" not in ggufs:
-                ggufs["f32"] = dequantize_gguf(smollm2_gguf(), tmp / "base-f32.gguf", "f32")
-            if kind not in ggufs:
-                ggufs[kind] = quantize(ggufs["f32"], tmp / f"base-{kind}.gguf", kind)
-            lm = LlamaCppModel(model_id, n_threads=threads, gguf=ggufs[kind])
+            f32 = tmp / "base-f32.gguf"
+            if not f32.exists():
+                dequantize_gguf(smollm2_gguf(), f32, "f32")
+            gguf = f32 if kind == "f32" else quantize(f32, tmp / f"base-{kind}.gguf", kind)
+            loaded[backend] = LlamaCppModel(model_id, n_threads=threads, gguf=gguf)
+        return LlamaCppScorer(loaded[backend], tok, [bank.adapter_path(bank.entry(n)) for n in names], examples)
 
-            def scorer(names, examples, lm=lm):
-                return LlamaCppScorer(lm, tok, [bank.adapter_path(bank.entry(n)) for n in names], examples)
-        for name in todo:
-            names = candidates(bank, name)
-            examples = load_dataset(bank.dataset_path(bank.entry(name)), name=name).split("train")[:EXAMPLES]
+    for name in entries:
+        names = candidates(bank, name)
+        examples = load_dataset(bank.dataset_path(bank.entry(name)), name=name).split("train")[:EXAMPLES]
+        for backend in [b for b in BACKENDS if (name, b) not in done]:
             t0 = time.perf_counter()
-            s = scorer(names, examples)
+            s = scorer(backend, names, examples)
             try:
                 losses = s.losses().tolist()
             finally:
