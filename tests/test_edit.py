@@ -133,3 +133,32 @@ def test_remove_then_add_gives_the_bank_back(bank, tmp_path):
 def test_names_that_could_lead_out_of_the_bank_are_refused(name):
     with pytest.raises(InputError, match="use letters, digits"):
         check_name(name)
+
+
+def _other_base(config: dict) -> None:
+    config["base_model_name_or_path"] = "other/model"
+
+
+def _dora(config: dict) -> None:
+    config["use_dora"] = True
+
+
+@pytest.mark.parametrize("edit, message", [(_other_base, "names base model 'other/model' but the bank's is"),
+                                           (_dora, r"DoRA adapter \(use_dora=true\)")])
+def test_a_refused_adapter_leaves_the_bank_byte_for_byte(bank, planets, tmp_path, edit, message):
+    adapter = Path(shutil.copytree(planets[0], tmp_path / "refused"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    edit(config)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    before = snapshot(bank.root)
+    with pytest.raises(InputError, match=message):
+        add_entry(bank, adapter, planets[1])
+    assert snapshot(bank.root) == before
+
+
+def test_an_adapter_of_other_modules_leaves_the_bank_byte_for_byte(bank, planets, tmp_path, tiny_model_dir):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "kproj", seed=5, targets=("q_proj", "k_proj"))
+    before = snapshot(bank.root)
+    with pytest.raises(InputError, match="adapts module .*k_proj, unlike the bank's entries"):
+        add_entry(bank, adapter, planets[1])
+    assert snapshot(bank.root) == before
