@@ -115,7 +115,6 @@ def test_read_tasks_takes_a_bank_and_rebuilds_its_entries(built, tmp_path):
 
 
 def test_a_build_on_ray_gives_the_files_of_a_local_build(built, tmp_path):
-    pytest.importorskip("ray")
     root = tmp_path / "ray"
     report = build_bank(TINY_ID, read_tasks([built]), root, CFG, executor="ray", threads=1)
     assert sorted(report.built) == ["animals", "math", "music"] and not report.failed
@@ -126,7 +125,6 @@ def test_a_build_on_ray_gives_the_files_of_a_local_build(built, tmp_path):
 
 
 def test_a_failed_ray_entry_is_listed_and_leaves_no_partial_entry(built, tmp_path):
-    pytest.importorskip("ray")
     root = tmp_path / "ray"
     bad = tmp_path / "empty.jsonl"
     make_dataset_file(bad, "weather", n=20)
