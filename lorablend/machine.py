@@ -11,14 +11,9 @@ from pathlib import Path
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere torch emulates it, far slower than
     fp32 (docs/PERFORMANCE.md, "bf16 only where the CPU computes it")."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return bf16_kernels() != "none"
 
 
-@functools.cache
 def bf16_kernels() -> str:
     """Which bf16 kernels this CPU runs: amx, avx512_bf16 or none. Training in bf16 is bit-reproducible only within
     one kind (and one torch): AMX and AVX512-BF16 accumulate in other orders."""

@@ -126,9 +126,8 @@ def test_a_build_on_ray_gives_the_files_of_a_local_build(built, tmp_path):
 
 def test_a_failed_ray_entry_is_listed_and_leaves_no_partial_entry(built, tmp_path):
     root = tmp_path / "ray"
-    bad = tmp_path / "empty.jsonl"
-    make_dataset_file(bad, "weather", n=20)
-    tasks = [Task("weather", bad, "c")]
+    data = make_dataset_file(tmp_path / "weather.jsonl", "weather", n=20)
+    tasks = [Task("weather", data, "c")]  # fails in the worker: the config targets a module the model lacks
     report = build_bank(TINY_ID, tasks, root, TrainConfig(r=4, alpha=8.0, steps=3, batch_size=4, lr=5e-3,
                                                           eval_examples=3, target_modules=("no_such_module",)),
                         executor="ray", threads=1)
@@ -143,30 +142,24 @@ REBUILDABLE = "subtask015_mctaco_question_generation_frequency"
 
 @pytest.mark.rebuild
 def test_a_default_entry_rebuilt_from_its_committed_dataset_is_the_committed_one(smollm2_dir, tmp_path):
-    """The route to the default bank now that the BIG-bench sdist is gone: its own datasets, its recorded recipe.
-    Bit for bit where the entry records this machine's bf16 kernels and torch; elsewhere (AMX against AVX512-BF16
-    accumulate in other orders, and 32 Adam steps carry the rounding on) every module's update B·A points the same
-    way, cosine >= 0.998 (measured: 0.9988 at the least, on an AMX machine against the AVX512-BF16 build)."""
+    """The route to the default bank now that the BIG-bench sdist is gone: its own datasets, its recorded recipe
+    (bf16 autocast included, emulated where the CPU has no native bf16). The config comes back byte for byte. The
+    weights cannot: the entry records no bf16 kernel kind, and AMX and AVX512-BF16 accumulate in other orders, which
+    32 Adam steps carry on. So every module's update B·A must point the same way, cosine >= 0.998 (measured: 0.9988
+    at the least, on an AMX machine against the AVX512-BF16 build). Bit-identity of a rebuild from a bank's own
+    datasets on one machine is `test_read_tasks_takes_a_bank_and_rebuilds_its_entries`."""
     from dataclasses import fields
 
     import torch
     from safetensors.torch import load_file
 
-    from lorablend.machine import bf16_kernels
-
     default = Bank.open("default")
     entry = default.entry(REBUILDABLE)
     recipe = {k: v for k, v in default.manifest.info["train"].items() if k in {f.name for f in fields(TrainConfig)}}
     cfg = TrainConfig(**{**recipe, "target_modules": tuple(recipe["target_modules"]), "eval_examples": 1})
-    if cfg.resolved().bf16_autocast != recipe["bf16_autocast"]:
-        pytest.skip("this CPU trains in another precision than the machine that built the default bank")
     build_bank("smollm2", select_tasks(read_tasks(["default"]), [entry.name]), tmp_path / "bank", cfg)
     rebuilt = tmp_path / "bank" / entry.adapter_dir
     assert (rebuilt / "adapter_config.json").read_bytes() == (default.adapter_path(entry) / "adapter_config.json").read_bytes()
-    same_kernels = (entry.info.get("bf16_kernels"), entry.info.get("torch")) == (bf16_kernels(), torch.__version__)
-    if same_kernels:
-        assert (rebuilt / "adapter_model.safetensors").read_bytes() == \
-            (default.adapter_path(entry) / "adapter_model.safetensors").read_bytes()
     ours, theirs = (load_file(str(d / "adapter_model.safetensors")) for d in (rebuilt, default.adapter_path(entry)))
     for key in [k for k in ours if "lora_A" in k]:
         b = key.replace("lora_A", "lora_B")

@@ -33,7 +33,7 @@ from lorablend.runtime.models import model_gguf
 from lorablend.dataset import Example
 from lorablend.runtime.prompts import (PromptFormat, common_prefix, end_of_turn_id, prompt_ids, prompt_len,
                                        training_pair)
-from lorablend.runtime.scoring import Scorer
+from lorablend.runtime.scoring import Scorer, require_examples
 
 BACKENDS = ("auto", "torch", "llamacpp")
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
@@ -400,8 +400,7 @@ class LlamaCppScorer(Scorer):
 
     def __init__(self, model: LlamaCppModel, tokenizer, adapter_dirs: list[str | Path], examples: list[Example],
                  fmt: PromptFormat = PromptFormat()):
-        if not examples:
-            raise InputError("the model-based steps (ce, grad, rerank, fit) need labelled train examples; the dataset has none")
+        require_examples(examples)
         self.model = model
         self.names = [f"candidate-{i}" for i in range(len(adapter_dirs))]
         model.load_adapters(dict(zip(self.names, adapter_dirs)))

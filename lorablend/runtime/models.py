@@ -67,16 +67,19 @@ def smollm2_gguf() -> Path:
     )
 
 
+def _source_record(model_dir: str | Path) -> dict:
+    """What lorablend-source.json says of a model dir (its hub id, the GGUF it was made from); {} without one."""
+    try:
+        raw = json.loads((Path(model_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
 def source_gguf(model_dir: str | Path) -> Path | None:
     """The GGUF file a converted model dir was made from (named in lorablend-source.json), if it exists."""
-    source = Path(model_dir) / SOURCE_FILE
-    if not source.is_file():
-        return None
-    try:
-        gguf = json.loads(source.read_text(encoding="utf-8")).get("gguf")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return Path(gguf) if gguf and Path(gguf).is_file() else None
+    gguf = _source_record(model_dir).get("gguf")
+    return Path(gguf) if isinstance(gguf, str) and gguf and Path(gguf).is_file() else None
 
 
 def _is_complete(path: Path) -> bool:
@@ -228,10 +231,7 @@ def hub_id(name_or_path: str) -> str | None:
     path = Path(name).expanduser()
     if not path.is_dir():
         return None if path.is_absolute() else name
-    try:
-        recorded = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8")).get("model_id")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = _source_record(path).get("model_id")
     if isinstance(recorded, str) and recorded:
         return recorded
     return next((i for i, p in _local_copies().items() if Path(p).resolve() == path.resolve()), None)

@@ -97,11 +97,15 @@ def _repeated(kv: list[tuple], n: int):
     return cache
 
 
+def require_examples(examples: list[Example]) -> None:
+    if not examples:
+        raise InputError("the model-based steps (ce, grad, rerank, fit) need labelled train examples; the dataset has none")
+
+
 def encode(tokenizer, examples: list[Example], fmt: PromptFormat = PromptFormat(), share_prefix: bool = True) -> Batch:
     import torch
 
-    if not examples:
-        raise InputError("the model-based steps (ce, grad, rerank, fit) need labelled train examples; the dataset has none")
+    require_examples(examples)
     pairs = [training_pair(tokenizer, e, fmt) for e in examples]
     shared = 0
     if share_prefix:
