@@ -1,15 +1,19 @@
-"""Quality against compute on the first task of each family, its whole family left out of the bank: the blend, the
-tuned trainer from each start, and `generate --budget`, on the same test examples.
+"""Quality against compute on the first task of each family, its whole family left out of the bank, or on tasks
+outside the bank (`--tasks`, the whole bank available): the blend, the tuned trainer from each start, and
+`generate --budget`, on the same test examples.
 
     python -m benchmarks.frontier --entries E1,E2 --n 16 --budgets 6,12 --out docs/results-frontier
     python -m benchmarks.frontier --report --out docs/results-frontier      # docs/FRONTIER.md and its plot
+    python -m benchmarks.frontier --tasks benchmarks/outside --n 16 --budgets 0,15 --starts zero,lora-ga
+    python -m benchmarks.frontier --report --out docs/results-frontier-outside   # docs/FRONTIER-OUTSIDE.md
 
 Per entry: the base model, the nearest bank adapter (0 passes), the default setting's blend (its counted passes),
-the task's own 32-step LoRA (a reference), each start of `runtime/recipes.TUNED` trained at its tuned schedule for
-1, 2, 4, 8 and 16 steps (one run per distinct schedule, scored at the budgets it is chosen for: the schedule is
-constant, so the first K steps of a run are the K-step adapter), and `generate --budget B` for each B (validated on
-the valid split, scored on the test sample). Trained adapters learn from the whole train split. A record is one
-line of scores.csv with its per-example Rouge-L, appended when measured, so a stopped run resumes.
+the task's own 32-step LoRA (a reference; bank entries only), each start of `runtime/recipes.TUNED` (or `--starts`)
+trained at its tuned schedule for 1, 2, 4, 8 and 16 steps (one run per distinct schedule, scored at the budgets it
+is chosen for: the schedule is constant, so the first K steps of a run are the K-step adapter), and
+`generate --budget B` for each B (validated on the valid split, scored on the test sample). Trained adapters learn
+from the whole train split. A record is one line of scores.csv with its per-example Rouge-L, appended when measured,
+so a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ def append(out: Path, rows: list[dict]) -> None:
 
 
 class Entry:
-    """One entry's data, test sample and answer budget, on a model loaded once per process."""
+    """One entry's data, test sample and answer budget, on a model loaded once per process: a bank entry, its family
+    left out of the bank, or (`path`) a dataset outside the bank, which leaves nothing out and has no own LoRA."""
 
-    def __init__(self, bank, name: str, n: int):
+    def __init__(self, bank, name: str, n: int, path: Path | None = None):
         from lorablend.bench.entry import test_sample
         from lorablend.settings import DEFAULT_SETTING
         from lorablend.dataset import load_dataset
+        from lorablend.generate import exclusions
         from lorablend.runtime.evaluate import max_new_tokens_for
         from lorablend.runtime.models import load_model, load_tokenizer
 
@@ -54,11 +60,13 @@ class Entry:
         if self.model_id not in _MODEL:
             _MODEL[self.model_id] = (load_model(self.model_id), load_tokenizer(self.model_id))
         self.model, self.tok = _MODEL[self.model_id]
-        self.ds = load_dataset(bank.dataset_path(bank.entry(name)), name=name)
+        self.ds = load_dataset(path or bank.dataset_path(bank.entry(name)), name=name)
         self.test = test_sample(self.ds, n, 0)
         self.budget = max_new_tokens_for(self.tok, [e.target for e in self.ds.split("train")])
-        family = bank.entry(name).family
-        self.setting = DEFAULT_SETTING.capped(len([x for x in bank.entries if x.family != family]))
+        self.own = None if path else bank.adapter_path(bank.entry(name))
+        self.exclude = [] if path else [name]
+        self.excluded = exclusions(bank, self.ds, self.exclude, True)
+        self.setting = DEFAULT_SETTING.capped(len(bank.names) - len(self.excluded))
 
     def per_example(self, model, adapter=None) -> list[float]:
         from lorablend.runtime.evaluate import answers_with, generate_answers, rouge
@@ -74,28 +82,28 @@ class Entry:
 
 
 def fixed_rows(e: Entry, out: Path) -> list[dict]:
-    """The base model, the nearest adapter, the default setting's blend and the task's own LoRA."""
-    from lorablend.generate import blend_tier, exclusions, nearest_coefficients
+    """The base model, the nearest adapter, the default setting's blend and the task's own LoRA (if it has one)."""
+    from lorablend.generate import blend_tier, nearest_coefficients
     from lorablend.output import write_combination
     from lorablend.runtime.evaluate import load_for_eval
     from lorablend.settings import DEFAULT_SETTING
 
     t0 = time.perf_counter()
-    excluded = exclusions(e.bank, e.ds, [e.name], True)
     spent = {"passes": 0.0}
-    _, blend, _ = blend_tier(e.bank, e.setting, e.ds, excluded, True, 0, False, {}, spent)
+    _, blend, _ = blend_tier(e.bank, e.setting, e.ds, e.excluded, True, 0, False, {}, spent)
     blend_s = time.perf_counter() - t0
     (out / "blends").mkdir(parents=True, exist_ok=True)
     (out / "blends" / f"{e.name}.json").write_text(json.dumps({"passes": spent["passes"], "coefficients": {
         n: w for n, w in blend.items() if w > 0}}, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"own": str(e.bank.adapter_path(e.bank.entry(e.name)))}
-        for what, coefs in (("nearest", nearest_coefficients(e.bank, e.ds, excluded, 0)), ("blend", blend)):
+        dirs = {"own": str(e.own)} if e.own else {}
+        for what, coefs in (("nearest", nearest_coefficients(e.bank, e.ds, e.excluded, 0)), ("blend", blend)):
             dirs[what] = f"{tmp}/{what}"
             write_combination(e.bank, coefs, Path(dirs[what]), DEFAULT_SETTING.combine, DEFAULT_SETTING.rank)
         model, _ = load_for_eval(e.model_id, dirs, model=e.model, backend="torch")
         rows = []
-        for what, passes in (("base", 0.0), ("nearest", 0.0), ("blend", spent["passes"]), ("own", 48.0)):
+        kinds = [("base", 0.0), ("nearest", 0.0), ("blend", spent["passes"])] + ([("own", 48.0)] if e.own else [])
+        for what, passes in kinds:
             t = time.perf_counter()
             rows.append(e.row(what, 0 if what != "own" else 32, passes,
                               e.per_example(model, None if what == "base" else what),
@@ -152,7 +160,7 @@ def budget_rows(e: Entry, budgets: list[float], out: Path, done: set) -> list[di
             continue
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            res = generate(e.bank, e.ds, Path(tmp) / "a", e.setting, exclude=[e.name], exclude_family=True,
+            res = generate(e.bank, e.ds, Path(tmp) / "a", e.setting, exclude=e.exclude, exclude_family=True,
                            validate=True, backend="auto", budget=b)
             seconds = time.perf_counter() - t0
             model, _ = load_for_eval(e.model_id, {"a": str(res.out)}, model=e.model, backend="torch")
@@ -166,11 +174,12 @@ def budget_rows(e: Entry, budgets: list[float], out: Path, done: set) -> list[di
     return rows
 
 
-def run(bank_root: str, entries: list[str], n: int, budgets: list[float], out: Path) -> None:
+def run(bank_root: str, entries: list[str], n: int, budgets: list[float], starts: list[str], out: Path,
+        tasks: Path | None = None) -> None:
+    """Each entry's missing rows; with `tasks`, the entries are the datasets `tasks/<entry>.jsonl.gz`."""
     from rich.progress import Progress
 
     from lorablend.bank.manifest import Bank
-    from lorablend.runtime.recipes import TUNED
 
     bank = Bank.open(bank_root)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,10 +187,10 @@ def run(bank_root: str, entries: list[str], n: int, budgets: list[float], out: P
         bar = progress.add_task("entries", total=len(entries))
         for name in entries:
             done = {(r["what"], r["steps"]) for r in read(out) if r["entry"] == name}
-            e = Entry(bank, name, n)
+            e = Entry(bank, name, n, tasks / f"{name}.jsonl.gz" if tasks else None)
             if ("base", 0) not in done or not (out / "blends" / f"{name}.json").exists():
                 append(out, fixed_rows(e, out))
-            for start in TUNED:
+            for start in starts:
                 append(out, trained_rows(e, start, out, done))
             append(out, budget_rows(e, budgets, out, done))
             progress.advance(bar)
@@ -192,7 +201,8 @@ COMPARED_AT = (6, 12, 24)  # passes: 4, 8 and 16 steps from zero
 
 
 def write_report(rows: list[dict], page: Path, plot: Path) -> None:
-    """The means over the entries measured under every row kind, the paired intervals and the plot."""
+    """The means over the entries measured under every row kind, the paired intervals and the plot (a new page gets
+    the plot and the tables; its prose is written after)."""
     import numpy as np
 
     from lorablend.stats import paired_bootstrap
@@ -249,9 +259,10 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
         means = {s: sum(v) / len(v) for s, v in means.items() if v and None not in v}
         return max(means, key=means.get) if means else None
 
-    lines.append("| blend start − best other start | " + " | ".join(
-        diff(lambda e, b=b: within("blend", b, e), lambda e, b=b: within(best_other(b, "blend"), b, e))
-        if best_other(b, "blend") else "–" for b in COMPARED_AT) + " |")
+    if "blend" in starts:
+        lines.append("| blend start − best other start | " + " | ".join(
+            diff(lambda e, b=b: within("blend", b, e), lambda e, b=b: within(best_other(b, "blend"), b, e))
+            if best_other(b, "blend") else "–" for b in COMPARED_AT) + " |")
     for s in ("zero", None):
         label = "zero start" if s else "best start"
         lines.append(f"| {label} − the default blend (gradient-free) | " + " | ".join(
@@ -263,7 +274,7 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
             won[r["won"]] = won.get(r["won"], 0) + 1
         lines.append(f"\n`{b}`: the path that won validation, by entry: "
                      + ", ".join(f"{w} {c}" for w, c in sorted(won.items(), key=lambda x: -x[1])) + ".")
-    text = page.read_text()
+    text = page.read_text() if page.exists() else f"![quality against compute]({plot.name})\n\n{MARKER}"
     page.write_text(text[: text.index(MARKER)] + "\n".join(lines).rstrip() + "\n")
 
     import matplotlib
@@ -286,7 +297,8 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
     if not np.isnan(own):
         ax.axhline(own, color="grey", ls="--", lw=1, label="the task's own 32-step LoRA")
     ax.set_xlabel("compute: forward-pass equivalents of the base model over 16 examples")
-    ax.set_ylabel(f"mean Rouge-L ({len(common)} entries, family left out)")
+    held_out = "outside the bank" if np.isnan(own) else "family left out"
+    ax.set_ylabel(f"mean Rouge-L ({len(common)} entries, {held_out})")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(left=-0.3)
     ax.grid(alpha=0.3)
@@ -298,24 +310,37 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bank", default="default")
-    ap.add_argument("--entries", default="", help="comma-separated; default: the first task of each family")
+    ap.add_argument("--tasks", type=Path, help="a directory of datasets outside the bank (<entry>.jsonl.gz, e.g. "
+                    "benchmarks/outside from benchmarks.outside_tasks): run on them, the whole bank available")
+    ap.add_argument("--entries", default="", help="comma-separated; default: the first task of each family, with "
+                    "--tasks every dataset there")
     ap.add_argument("--n", type=int, default=16, help="test examples per entry")
     ap.add_argument("--budgets", default="", help="generate --budget values to run, e.g. 6,12")
+    ap.add_argument("--starts", default="", help="comma-separated starts to train from; default: all of TUNED")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("docs/results-frontier"))
-    ap.add_argument("--report", action="store_true", help="write docs/FRONTIER.md's tables and plot from scores.csv")
+    ap.add_argument("--out", type=Path, help="default: docs/results-frontier, with --tasks "
+                    "docs/results-frontier-outside")
+    ap.add_argument("--report", action="store_true", help="write --out's page (docs/results-X: docs/X.md, upper "
+                    "case, and its plot beside it) from its scores.csv")
     args = ap.parse_args(argv)
     import torch
 
     from lorablend.bank.manifest import Bank
+    from lorablend.runtime.recipes import TUNED
 
+    out = args.out or Path("docs/results-frontier" + ("-outside" if args.tasks else ""))
+    starts = [x for x in args.starts.split(",") if x] or list(TUNED)
+    if set(starts) - set(TUNED):
+        ap.error(f"--starts: unknown {', '.join(sorted(set(starts) - set(TUNED)))} (tuned: {', '.join(TUNED)})")
     torch.set_num_threads(args.threads)
     bank = Bank.open(args.bank)
     if args.report:
-        write_report(read(args.out), Path("docs/FRONTIER.md"), Path("docs/FRONTIER.png"))
+        page = out.parent / f"{out.name.removeprefix('results-').upper()}.md"
+        write_report(read(out), page, page.with_suffix(".png"))
         return
-    entries = [x for x in args.entries.split(",") if x] or first_entries(bank)
-    run(str(bank.root), entries, args.n, [float(b) for b in args.budgets.split(",") if b], args.out)
+    entries = [x for x in args.entries.split(",") if x] or (
+        sorted(p.name.split(".")[0] for p in args.tasks.glob("*.jsonl.gz")) if args.tasks else first_entries(bank))
+    run(str(bank.root), entries, args.n, [float(b) for b in args.budgets.split(",") if b], starts, out, args.tasks)
 
 
 if __name__ == "__main__":

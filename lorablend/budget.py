@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from lorablend.errors import InputError
 from lorablend.runtime.recipes import BLEND_ALONE, STEP_PASSES, TUNED, tuned, tuned_budget
-from lorablend.runtime.starts import START_PASSES
+from lorablend.runtime.starts import SHIFTS_BASE, START_PASSES
 
 DEFAULT_BUDGET = 15.0  # what `generate` spends with no --budget: docs/FRONTIER.md, decision rule 3 (5 entries)
 MAX_STEPS = 256  # a budget beyond this many steps is refused: it is a training run, not a few steps
@@ -47,13 +47,16 @@ class Plan:
         return asdict(self) | {"passes": self.passes}
 
 
-def plan(budget: float, blend_passes: float) -> Plan:
+def plan(budget: float, blend_passes: float, base: str = "full") -> Plan:
     """The plan of the highest expected quality that fits `budget` (ties: the cheaper). Each start trains the most
-    steps the rest of the budget buys; the blend start and the blend alone first pay for the blend tier."""
+    steps the rest of the budget buys; the blend start and the blend alone first pay for the blend tier. Over a
+    quantized `base`, the starts that rewrite the base weights are out."""
     options = [Plan(budget, False, None, 0, blend_passes, float("-inf"))]
     if budget >= blend_passes:
         options.append(Plan(budget, True, None, 0, blend_passes, BLEND_ALONE))
     for start, table in TUNED.items():
+        if base != "full" and start in SHIFTS_BASE:
+            continue
         blend = start == "blend"
         left = budget - (blend_passes if blend else 0.0) - START_PASSES.get(start, 0.0)
         steps = min(MAX_STEPS, int(left // STEP_PASSES)) if left >= STEP_PASSES else 0
@@ -93,16 +96,36 @@ def seconds_per_pass(model_id: str, examples) -> float:
     return time.perf_counter() - t0
 
 
-def train(model_id: str, examples, p: Plan, seed: int, init: dict | None = None) -> tuple[dict, dict]:
-    """The plan's training: its steps from its start at the tuned schedule, on `examples` (the train split only)."""
+def training_base(model_id: str, requested: str = "auto") -> tuple[str, str]:
+    """The frozen base the steps train over (full precision, int8 or nf4), and why in a few words: `requested`
+    unless auto, else full precision where a step fits the free memory, then the smallest quantized base that does."""
+    from lorablend.machine import available_gib
+    from lorablend.runtime import quantized
+    from lorablend.runtime.models import parameter_count
+
+    if requested not in ("auto",) + quantized.BASES:
+        raise InputError(f"--train-base '{requested}': expected auto, {', '.join(quantized.BASES)}")
+    if requested != "auto":
+        return requested, "as asked"
+    return quantized.training_base(parameter_count(model_id), available_gib())
+
+
+def train(model_id: str, examples, p: Plan, seed: int, init: dict | None = None, base: str = "full"
+          ) -> tuple[dict, dict]:
+    """The plan's training: its steps from its start at the tuned schedule, on `examples` (the train split only),
+    over a `base` (full, int8, nf4) frozen base."""
     from lorablend.runtime.models import load_model, load_tokenizer
+    from lorablend.runtime.quantized import check_start, load_quantized
     from lorablend.runtime.train import train_factors
 
+    check_start(p.start, base)
     cfg = tuned(p.start, p.steps)
-    factors, record = train_factors(load_model(model_id), load_tokenizer(model_id), examples, p.steps, seed,
+    model = load_model(model_id) if base == "full" else load_quantized(model_id, base)
+    factors, record = train_factors(model, load_tokenizer(model_id), examples, p.steps, seed,
                                     init if p.start == "blend" else None, cfg=cfg)
     record.pop("seconds")  # in the timings: lorablend.json stays byte-identical across reruns
     record["passes"] = START_PASSES.get(p.start, 0.0) + STEP_PASSES * len(record["losses"])
+    record["base"] = base
     return factors, record
 
 

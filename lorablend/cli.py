@@ -582,6 +582,10 @@ def generate_cmd(
                                          "it pays, then tuned training steps from the best start; the validated best "
                                          "is written and the verdict names the path that won. 0: the gradient-free "
                                          "path. [default: 15 with the default setting and validation, else 0]"),
+    train_base: str = typer.Option("auto", help="The frozen base the --budget's training steps run over: full "
+                                   "(fp32) | int8 | nf4 (bitsandbytes; QLoRA on the CPU, for a 7B base in laptop "
+                                   "memory) | auto (full where a step fits the free memory, else the smallest that "
+                                   "does). The adapter is plain LoRA either way."),
 ):
     """Turn a dataset into a LoRA adapter: a few tuned CPU training steps or a blend of bank adapters, whichever your
     held-out examples say is better.
@@ -611,7 +615,8 @@ def generate_cmd(
                         + (f" within {passes:.1f} forward-pass equivalents" if passes else "")):
         result = generate(b, ds, out_dir, setting, exclude=exclude, exclude_family=exclude_family, force=force, seed=seed,
                           verify=verify, validate=validate, backend=backend, require_gain=require_gain,
-                          refine_steps=refine_steps, budget=passes, gguf=gguf)
+                          refine_steps=refine_steps, budget=passes, train_base=train_base,
+                          gguf=gguf)
     prov = result.provenance
     if prov.calibration:
         out.print(f"calibrated on the bank: temperature {prov.temperature:g}, top-k {prov.top_k or 'all'} "
@@ -620,6 +625,9 @@ def generate_cmd(
     if result.scoring:
         name = {"torch": "PyTorch", "llamacpp": "llama.cpp"}[result.scoring["backend"]]
         out.print(f"model-based scoring on {name}: {result.scoring['why']}", markup=False, highlight=False)
+    if result.training_base:
+        base = {"full": "full-precision", "int8": "int8", "nf4": "nf4"}[result.training_base["base"]]
+        out.print(f"training steps over the {base} base: {result.training_base['why']}", markup=False, highlight=False)
     if prov.coefficients:
         out.print(_top_table(prov.coefficients, show, f"strongest coefficients ({setting.label})"))
     if prov.excluded:

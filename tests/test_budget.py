@@ -122,3 +122,35 @@ def test_a_budget_request_that_cannot_be_kept_is_refused(table, tiny_bank, tmp_p
     with pytest.raises(InputError, match=message):
         generate(Bank.open(tiny_bank), _dataset(tmp_path), tmp_path / "o", backend="torch", **kwargs)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_plan_over_a_quantized_base_leaves_out_the_starts_that_rewrite_it(table, monkeypatch):
+    ga_best = {**TABLE, "lora-ga": {k: (lr, w, mean + 0.5) for k, (lr, w, mean) in TABLE["lora-ga"].items()}}
+    for module in (budget, recipes):
+        monkeypatch.setattr(module, "TUNED", ga_best)
+    assert budget.plan(20.0, 11.0).start == "lora-ga"
+    assert budget.plan(20.0, 11.0, base="nf4").start == "zero"
+
+
+def test_generate_within_a_budget_trains_over_the_base_asked_for(table, tiny_bank, tmp_path):
+    from lorablend.bank.manifest import Bank
+    from lorablend.generate import generate
+    from lorablend.settings import Setting
+
+    setting = Setting(sketch="target-tokens", metric="js", top_k=1, rerank=3, combine="cat")
+    res = generate(Bank.open(tiny_bank), _dataset(tmp_path), tmp_path / "o", setting, validate=True, backend="torch",
+                   budget=16.0, train_base="nf4")
+    record = json.loads((res.out / "lorablend.json").read_text())["budget"]
+    assert record["training"]["base"] == "nf4" and res.training_base == {"base": "nf4", "why": "as asked"}
+    assert record["training"]["losses"]
+
+
+def test_an_unknown_training_base_is_refused_before_any_work(table, tiny_bank, tmp_path):
+    from lorablend.bank.manifest import Bank
+    from lorablend.errors import InputError
+    from lorablend.generate import generate
+
+    with pytest.raises(InputError, match="--train-base 'int4': expected auto, full, int8, nf4"):
+        generate(Bank.open(tiny_bank), _dataset(tmp_path), tmp_path / "o", validate=True, backend="torch", budget=8.0,
+                 train_base="int4")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,133 @@
+"""A frozen base held in int8 or 4-bit NF4 (bitsandbytes) under a LoRA trained in full precision: QLoRA on the
+CPU, so that a 7B training step fits a laptop's memory (docs/QUANTIZED-BASE.md chose the library by measurement).
+
+Two traps are handled here rather than by callers. On a CPU with AVX512-BF16, an eval-mode forward repacks
+bitsandbytes' 4-bit weights for inference for good, after which every LoRA gradient is silently None: `guard`
+turns that repacking off. And the data-aware starts that move the base weights (LoRA-GA, PiSSA) cannot write to
+quantized weights: `check_start` refuses them in one line.
+"""
+
+from __future__ import annotations
+
+from lorablend.errors import InputError
+
+KINDS = ("int8", "nf4")
+BASES = ("full",) + KINDS  # what `--train-base` takes besides auto
+# bytes per weight held for training: fp32 (what `load_model` loads), int8, NF4 (with its block scales)
+BYTES_PER_WEIGHT = {"full": 4.0, "int8": 1.0, "nf4": 0.56}
+PEAK = 1.6  # a training step's peak over the weights' bytes (activations, the LoRA's Adam state), measured at 7B
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _bnb():
+    if not available():
+        raise InputError("a quantized base needs bitsandbytes: pip install 'lorablend[quantized]' "
+                         "(or bitsandbytes>=0.50), or pass --train-base full")
+    import logging
+
+    # its import tries a hub kernel (offline: two warnings), and its int8 product warns on every call
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def compute_dtype():
+    """What the dequantized products run in: bf16 where the CPU computes it natively, else fp32."""
+    import torch
+
+    from lorablend.machine import native_bf16
+
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def quantized_linear(linear, kind: str, dtype=None):
+    """A bitsandbytes layer holding `linear`'s weight as `kind` (quantized from its values here); its products
+    run in `dtype` (default `compute_dtype()`)."""
+    import torch
+
+    bnb = _bnb()
+    weight = linear.weight.data.float()
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False, threshold=0.0)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    elif kind == "nf4":
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=dtype or compute_dtype(), quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    else:
+        raise InputError(f"quantized base '{kind}': expected one of {', '.join(KINDS)}")
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data.float(), requires_grad=False)
+    return guard(layer.to("cpu"))  # moving to a device is what quantizes in bitsandbytes
+
+
+def quantize(model, kind: str, skip: tuple[str, ...] = ("lm_head",), dtype=None):
+    """`model` with every Linear layer but `skip` replaced by its `kind` counterpart, in place (one layer's float
+    copy at a time)."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantized_linear(module, kind, dtype))
+    return model
+
+
+def load_quantized(model_id: str, kind: str):
+    """The model from its checkpoint with its linear layers quantized shard by shard as transformers loads them
+    (the float model is never whole in memory), in eval mode."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorablend.runtime.models import _LOAD_ERRORS, _load_error, resolve_model
+
+    _bnb()
+    config = (BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype()))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(model_id), quantization_config=config,
+                                                     device_map="cpu", dtype=compute_dtype())
+    except _LOAD_ERRORS as err:
+        raise _load_error(model_id, err) from err
+    return guard(model).eval()
+
+
+def guard(model):
+    """Keep bitsandbytes' 4-bit layers trainable after an eval-mode pass (the AVX512-BF16 repack above)."""
+    bnb = _bnb()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def is_quantized(model) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def check_start(start: str, kind: str) -> None:
+    from lorablend.runtime.starts import SHIFTS_BASE
+
+    if kind in KINDS and start in SHIFTS_BASE:
+        raise InputError(f"the {start} start rewrites the base weights, which a {kind} base cannot hold; train from "
+                         "zero or from the blend, or pass --train-base full")
+
+
+def training_base(params: int | None, free_gib: float) -> tuple[str, str]:
+    """The base a training step fits in (full precision first), and why in a few words."""
+    if params is None:
+        return "full", "the model's size is unknown here"
+    for kind in BASES:
+        need = PEAK * params * BYTES_PER_WEIGHT[kind] / 2**30
+        if need <= free_gib and (kind == "full" or available()):
+            what = "full precision" if kind == "full" else f"a {kind} base"
+            return kind, f"{what} needs ~{need:.1f} GiB to train and {free_gib:.1f} GiB are free"
+    need = PEAK * params * BYTES_PER_WEIGHT["nf4"] / 2**30
+    return "nf4", f"even an nf4 base needs ~{need:.1f} GiB and {free_gib:.1f} GiB are free (it may swap)"
