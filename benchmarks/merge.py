@@ -42,8 +42,11 @@ def base_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("output_norm.weight", (h,)), ("output.weight", (v, h))]
 
 
-def write_base(path: Path, cfg: dict, dtype: str, seed: int = 0) -> Path:
-    """A synthetic model GGUF, streamed tensor by tensor (random weights; norms F32)."""
+def write_base(path: Path, cfg: dict, dtype: str, seed: int = 0, like: Path | None = None) -> Path:
+    """A synthetic model GGUF, streamed tensor by tensor (random weights; norms F32). `like`: a GGUF of the Llama
+    architecture whose tokenizer and chat template are copied and the shapes' hyperparameters written, so that
+    llama.cpp runs the file; its weights are then drawn at a trained model's scale (std 0.02, norms 1) so that 32
+    layers stay finite."""
     import gguf
     from gguf.quants import quant_shape_to_byte_shape, quantize
 
@@ -53,7 +56,21 @@ def write_base(path: Path, cfg: dict, dtype: str, seed: int = 0) -> Path:
     writer = gguf.GGUFWriter(None, "llama")
     writer.add_name("synthetic Mistral-7B shapes")
     writer.add_file_type(gguf.LlamaFileType[BASE_DTYPES[dtype][1]])
-    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    if like is None:
+        writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    else:
+        copy_tokenizer(writer, like)
+        h = cfg["hidden_size"]
+        writer.add_context_length(cfg["max_position_embeddings"])
+        writer.add_embedding_length(h)
+        writer.add_feed_forward_length(cfg["intermediate_size"])
+        writer.add_block_count(cfg["num_hidden_layers"])
+        writer.add_head_count(cfg["num_attention_heads"])
+        writer.add_head_count_kv(cfg["num_key_value_heads"])
+        writer.add_rope_freq_base(cfg["rope_theta"])
+        writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        writer.add_rope_dimension_count(h // cfg["num_attention_heads"])
+        writer.add_vocab_size(cfg["vocab_size"])
     tensors = base_tensors(cfg)
     for name, shape in tensors:
         t = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else qtype
@@ -61,14 +78,29 @@ def write_base(path: Path, cfg: dict, dtype: str, seed: int = 0) -> Path:
             int(np.prod(quant_shape_to_byte_shape(shape, t)))
         writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=t)
     rng = np.random.default_rng(seed)
+    scale = np.float32(1.0 if like is None else 0.02 * 12**0.5)  # uniform on [-scale/2, scale/2): std scale/sqrt(12)
 
     def data():
         for _, shape in tensors:
-            w = rng.random(shape, dtype=np.float32) - np.float32(0.5)
+            if like is not None and len(shape) == 1:
+                yield np.ones(shape, np.float32)
+                continue
+            w = (rng.random(shape, dtype=np.float32) - np.float32(0.5)) * scale
             yield w if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32 else quantize(w, qtype)
 
     write_atomic(writer, path, data())
     return path
+
+
+def copy_tokenizer(writer, like: Path) -> None:
+    """Every `tokenizer.*` field of the GGUF `like`."""
+    import gguf
+
+    for field in gguf.GGUFReader(like).fields.values():
+        if field.name.startswith("tokenizer."):
+            vtype = field.types[0]
+            writer.add_key_value(field.name, field.contents(), vtype,
+                                 sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
 
 
 def write_inputs(root: Path, base_dtype: str, cfg: dict = CONFIG) -> tuple[Path, Path, Path]:

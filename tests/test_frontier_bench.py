@@ -22,7 +22,7 @@ def test_the_frontier_study_runs_resumes_and_reports(table, tiny_bank, tmp_path)
     from benchmarks import frontier
 
     out = tmp_path / "frontier"
-    frontier.run(str(tiny_bank), ["math"], 2, [3.0], out)
+    frontier.run(str(tiny_bank), ["math"], 2, [3.0], ["zero"], out)
     rows = frontier.read(out)
     kinds = {(r["what"], r["steps"]) for r in rows}
     assert kinds == {("base", 0), ("nearest", 0), ("blend", 0), ("own", 32), ("train:zero", 1), ("train:zero", 2),
@@ -30,9 +30,25 @@ def test_the_frontier_study_runs_resumes_and_reports(table, tiny_bank, tmp_path)
     assert all(len(r["per_example"]) == 2 for r in rows)
     budget_row = next(r for r in rows if r["what"] == "budget:3")
     assert budget_row["passes"] <= 3.0 and budget_row["won"]
-    frontier.run(str(tiny_bank), ["math"], 2, [3.0], out)  # resumes: nothing measured twice
+    frontier.run(str(tiny_bank), ["math"], 2, [3.0], ["zero"], out)  # resumes: nothing measured twice
     assert len(frontier.read(out)) == len(rows)
     page, plot = tmp_path / "F.md", tmp_path / "F.png"
     page.write_text("rules\n\n" + frontier.MARKER + "\n")
     frontier.write_report(rows, page, plot)
     assert "| train:zero | 2 |" in page.read_text() and plot.stat().st_size > 1000
+
+
+def test_tasks_outside_the_bank_get_every_row_but_an_own_lora(table, tiny_bank, tmp_path):
+    from conftest import make_dataset_file
+
+    from benchmarks import frontier
+    from lorablend.dataset import load_dataset, save_dataset
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    save_dataset(load_dataset(make_dataset_file(tmp_path / "x.jsonl", "weather", n=30, seed=7)),
+                 tasks / "outside_weather.jsonl.gz")
+    out = tmp_path / "outside"
+    frontier.run(str(tiny_bank), ["outside_weather"], 2, [0.0], ["zero"], out, tasks)
+    kinds = {(r["what"], r["steps"]) for r in frontier.read(out)}
+    assert kinds == {("base", 0), ("nearest", 0), ("blend", 0), ("train:zero", 1), ("train:zero", 2), ("budget:0", 0)}

@@ -28,12 +28,7 @@ def _bnb():
     if not available():
         raise InputError("a quantized base needs bitsandbytes: pip install 'lorablend[quantized]' "
                          "(or bitsandbytes>=0.50), or pass --train-base full")
-    import logging
-
-    # its import tries a hub kernel (offline: two warnings), and its int8 product warns on every call
-    for name in ("bitsandbytes", "kernels"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import bitsandbytes
+    import bitsandbytes  # quiet: lorablend/__init__.py
 
     return bitsandbytes
 
