@@ -147,6 +147,40 @@ def trained_rows(e: Entry, start: str, out: Path, done: set) -> list[dict]:
     return rows
 
 
+QUANTIZED_STEPS = 8
+
+
+def quantized_rows(e: Entry, bases: list[str], done: set) -> list[dict]:
+    """The zero start's tuned 8 steps over a quantized copy of the base (`runtime/quantized.py`, as `generate
+    --train-base` trains at 7B), the plain LoRA they give scored on the full-precision base, as a user applies it.
+    Same seed, batches and schedule as the `train:zero` run: a paired comparison of the base's precision alone."""
+    import copy
+
+    from lorablend.output import write_output
+    from lorablend.runtime.evaluate import load_for_eval
+    from lorablend.runtime.quantized import quantize
+    from lorablend.runtime.recipes import STEP_PASSES, tuned
+    from lorablend.runtime.train import train_factors
+
+    rows = []
+    for base in bases:
+        what = f"train:zero@{base}"
+        if (what, QUANTIZED_STEPS) in done:
+            continue
+        t0 = time.perf_counter()
+        factors, _ = train_factors(quantize(copy.deepcopy(e.model), base), e.tok, e.ds.split("train"),
+                                   QUANTIZED_STEPS, 0, cfg=tuned("zero", QUANTIZED_STEPS))
+        seconds = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            write_output(Path(tmp) / "a", factors, e.model_id, None, force=False, dtype="float32")
+            model, _ = load_for_eval(e.model_id, {"a": f"{tmp}/a"}, model=e.model, backend="torch")
+            scores = e.per_example(model, "a")
+            e.model = model.unload()
+            _MODEL[e.model_id] = (e.model, e.tok)
+        rows.append(e.row(what, QUANTIZED_STEPS, STEP_PASSES * QUANTIZED_STEPS, scores, seconds))
+    return rows
+
+
 def budget_rows(e: Entry, budgets: list[float], out: Path, done: set) -> list[dict]:
     """`generate --budget B` as a user runs it (validated on the valid split), scored on the test sample; its passes
     are what the record says it spent (validation's generation is not in them). B = 0 is the gradient-free default,
@@ -175,7 +209,7 @@ def budget_rows(e: Entry, budgets: list[float], out: Path, done: set) -> list[di
 
 
 def run(bank_root: str, entries: list[str], n: int, budgets: list[float], starts: list[str], out: Path,
-        tasks: Path | None = None) -> None:
+        tasks: Path | None = None, bases: list[str] = ()) -> None:
     """Each entry's missing rows; with `tasks`, the entries are the datasets `tasks/<entry>.jsonl.gz`."""
     from rich.progress import Progress
 
@@ -192,6 +226,7 @@ def run(bank_root: str, entries: list[str], n: int, budgets: list[float], starts
                 append(out, fixed_rows(e, out))
             for start in starts:
                 append(out, trained_rows(e, start, out, done))
+            append(out, quantized_rows(e, bases, done))
             append(out, budget_rows(e, budgets, out, done))
             progress.advance(bar)
 
@@ -211,7 +246,8 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
     for r in rows:
         by.setdefault((r["what"], r["steps"]), {})[r["entry"]] = r
     entries = sorted({r["entry"] for r in rows if ("base", 0) in by and r["entry"] in by[("base", 0)]})
-    common = [e for e in entries if all(e in v for k, v in by.items() if not k[0].startswith("budget"))]
+    common = [e for e in entries if all(e in v for k, v in by.items() if not k[0].startswith("budget")
+                                        and "@" not in k[0])]
 
     def mean(key, field="rouge_l", among=common):
         vals = [by[key][e][field] for e in among if e in by.get(key, {})]
@@ -222,10 +258,11 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
              "Means over the entries (each entry's mean Rouge-L on its test sample).", "",
              "| what | steps | passes (mean) | mean Rouge-L | entries |", "|---|---|---|---|---|"]
     for key in sorted(by, key=lambda k: (k[0].split(":")[0] != "base", k[0], k[1])):
-        among = common if not key[0].startswith("budget") else entries
+        among = common if not key[0].startswith("budget") and "@" not in key[0] else entries
         m, n = mean(key, among=among)
         lines.append(f"| {key[0]} | {key[1]} | {mean(key, 'passes', among)[0]:.1f} | {m:.3f} | {n} |")
-    starts = sorted({k[0].split(":")[1] for k in by if k[0].startswith("train:")})
+    starts = sorted({k[0].split(":")[1] for k in by if k[0].startswith("train:") and "@" not in k[0]})
+    over = sorted({k[0].split(":")[1] for k in by if k[0].startswith("train:") and "@" in k[0]})  # zero@nf4, ...
 
     def within(start: str, budget: float, entry: str):
         """The entry's adapter from `start` with the most steps whose passes fit `budget` (None: none fits)."""
@@ -235,7 +272,7 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
 
     def diff(a, b) -> str:
         """a − b over the entries where both fit (a, b: entry -> Rouge-L or None)."""
-        both = [e for e in common if a(e) is not None and b(e) is not None]
+        both = [e for e in entries if a(e) is not None and b(e) is not None]
         if not both:
             return "–"
         d = paired_bootstrap([a(e) for e in both], [b(e) for e in both])
@@ -263,6 +300,10 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
         lines.append("| blend start − best other start | " + " | ".join(
             diff(lambda e, b=b: within("blend", b, e), lambda e, b=b: within(best_other(b, "blend"), b, e))
             if best_other(b, "blend") else "–" for b in COMPARED_AT) + " |")
+    for q in over:
+        start, base = q.split("@")
+        lines.append(f"| {start} start over a {base} base − over the full-precision base | " + " | ".join(
+            diff(lambda e, b=b: within(q, b, e), lambda e, b=b: within(start, b, e)) for b in COMPARED_AT) + " |")
     for s in ("zero", None):
         label = "zero start" if s else "best start"
         lines.append(f"| {label} − the default blend (gradient-free) | " + " | ".join(
@@ -317,6 +358,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=16, help="test examples per entry")
     ap.add_argument("--budgets", default="", help="generate --budget values to run, e.g. 6,12")
     ap.add_argument("--starts", default="", help="comma-separated starts to train from; default: all of TUNED")
+    ap.add_argument("--train-bases", default="", help="also train the zero start's 8 steps over these quantized "
+                    "bases (int8,nf4), scored on the full-precision base")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="default: docs/results-frontier, with --tasks "
                     "docs/results-frontier-outside")
@@ -340,7 +383,8 @@ def main(argv=None) -> None:
         return
     entries = [x for x in args.entries.split(",") if x] or (
         sorted(p.name.split(".")[0] for p in args.tasks.glob("*.jsonl.gz")) if args.tasks else first_entries(bank))
-    run(str(bank.root), entries, args.n, [float(b) for b in args.budgets.split(",") if b], starts, out, args.tasks)
+    run(str(bank.root), entries, args.n, [float(b) for b in args.budgets.split(",") if b], starts, out, args.tasks,
+        [x for x in args.train_bases.split(",") if x])
 
 
 if __name__ == "__main__":

@@ -52,3 +52,19 @@ def test_tasks_outside_the_bank_get_every_row_but_an_own_lora(table, tiny_bank, 
     frontier.run(str(tiny_bank), ["outside_weather"], 2, [0.0], ["zero"], out, tasks)
     kinds = {(r["what"], r["steps"]) for r in frontier.read(out)}
     assert kinds == {("base", 0), ("nearest", 0), ("blend", 0), ("train:zero", 1), ("train:zero", 2), ("budget:0", 0)}
+
+
+def test_steps_over_a_quantized_base_are_scored_and_paired_with_the_full_bases(table, tiny_bank, tmp_path, monkeypatch):
+    from benchmarks import frontier
+
+    monkeypatch.setattr(frontier, "QUANTIZED_STEPS", 2)
+    out = tmp_path / "frontier"
+    frontier.run(str(tiny_bank), ["math"], 2, [], ["zero"], out, bases=["nf4"])
+    rows = frontier.read(out)
+    q = next(r for r in rows if r["what"] == "train:zero@nf4")
+    assert q["steps"] == 2 and q["passes"] == 3.0 and len(q["per_example"]) == 2
+    page = tmp_path / "F.md"
+    frontier.write_report(rows, page, tmp_path / "F.png")
+    text = page.read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| zero start over a nf4 base − over the full-precision"))
+    assert line.count("(n 1)") == 3  # within 6, 12 and 24 passes: against the zero start's 2 steps
