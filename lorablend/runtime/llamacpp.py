@@ -138,7 +138,11 @@ class LlamaCppModel:
         self._lib = lib = llama_cpp
         self.model_id, self.path, self.n_seq = model_id, path, n_seq
         self.n_threads = n_threads or N_THREADS or default_threads()
-        self.model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        params = lib.llama_model_default_params()
+        # Read, not memory-mapped: llama.cpp repacks K-quant weights for this CPU into a buffer of their own, and the
+        # mapped file pages it read them from would stay in the process too (a 7B Q4_K_M: 8.5 GB instead of ~4.5)
+        params.use_mmap = False
+        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise InputError(f"llama.cpp could not load {path}: not a GGUF model it supports")
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
