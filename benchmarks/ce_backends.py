@@ -1,7 +1,7 @@
 """Does llama.cpp's ce over a quantized base rank the bank's adapters as torch's does?
 
     python -m benchmarks.ce_backends --entries E1,E2 --threads 1 --out docs/results-ce-backends   # resumable, in chunks
-    python -m benchmarks.ce_backends --report --out docs/results-ce-backends            # docs/CE-BACKENDS.md
+    python -m benchmarks.ce_backends --report --out docs/results-ce-backends   # the table docs/PERFORMANCE.md quotes
 
 For each entry of the default bank taken as the user's task: its first 16 train examples (as `generate` scores), and
 as candidates the 16 other entries nearest by answer-token JS (the pool the rerank draws from). Each candidate's ce

@@ -53,10 +53,14 @@ def time_candidates(model, tok, readers, examples, share_prefix: bool, candidate
         scorer.close()
 
 
-def synthetic_model(args, vocab: int):
-    """A Mistral-architecture model of the given shapes, random bf16 weights, never a float32 copy."""
+def synthetic_model(args, vocab: int, quantized: str | None = None):
+    """A Mistral-architecture model of the given shapes, random bf16 weights, never a float32 copy. `quantized`
+    (int8, nf4): every decoder Linear held so (`runtime/quantized.py`); the model is made a decoder layer at a time,
+    so its bf16 weights are never whole in memory either way."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
+
+    from lorablend.runtime.quantized import quantize
 
     cfg = MistralConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -68,11 +72,16 @@ def synthetic_model(args, vocab: int):
             model = MistralForCausalLM(cfg)
     finally:
         torch.set_default_dtype(default)
-    model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+    layers = list(model.model.layers)
+    for part in (model.model.embed_tokens, *layers, model.model.norm, model.lm_head):  # named_parameters' order
+        part.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in part.named_parameters():
+                p.fill_(1.0) if name.endswith("norm.weight") or part is model.model.norm else p.normal_(
+                    0.0, 0.02, generator=gen)
+        if quantized and part in layers:
+            quantize(part, quantized)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were left empty on meta
     return model.eval()
 

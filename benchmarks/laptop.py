@@ -116,40 +116,6 @@ def ce_llamacpp(threads: int, candidates: int, tmp: Path, sizes: SimpleNamespace
             "cpu_s": round((time.process_time() - cpu) / candidates, 2), "loss": round(float(np.mean(losses)), 3)}
 
 
-def quantized_model(kind: str, vocab: int, sizes: SimpleNamespace):
-    """`ce_cost.synthetic_model`'s model with every decoder Linear held as `kind`, made a layer at a time."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from lorablend.runtime.quantized import quantize
-
-    cfg = MistralConfig(vocab_size=vocab, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
-                        num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
-                        num_key_value_heads=sizes.kv_heads, sliding_window=None, tie_word_embeddings=False)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = MistralForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    gen = torch.Generator().manual_seed(0)
-
-    def materialize(module):
-        module.to_empty(device="cpu", recurse=True)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
-
-    for part in (model.model.embed_tokens, model.model.norm, model.lm_head):
-        materialize(part)
-    for layer in model.model.layers:
-        materialize(layer)
-        quantize(layer, kind)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were left empty on meta
-    return model.eval()
-
-
 def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:
     import torch
 
@@ -160,7 +126,7 @@ def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:
     model_id, exs = examples()
     tok = load_tokenizer(model_id)
     t = time.perf_counter()
-    model = synthetic_model(sizes, len(tok)) if kind == "bf16" else quantized_model(kind, len(tok), sizes)
+    model = synthetic_model(sizes, len(tok), None if kind == "bf16" else kind)
     load_s = time.perf_counter() - t
     step = time_training_step(model, tok, exs, sizes)  # one step, no warm-up (`ce_cost`'s: a step is minutes at 7B)
     return {"load_s": round(load_s, 1), "wall_s": step["train_step_wall_s"], "cpu_s": step["train_step_cpu_s"],
