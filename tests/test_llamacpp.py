@@ -209,3 +209,18 @@ def test_scoring_backend_without_a_gguf_is_torch(tiny_model_dir):
     from lorablend.runtime.llamacpp import scoring_backend
 
     assert scoring_backend(str(tiny_model_dir)) == ("torch", "the model has no GGUF for llama.cpp")
+
+
+def test_the_base_gguf_is_read_into_memory_not_mapped(converted):
+    """A mapped file's pages stay in the process beside llama.cpp's repacked copy of its weights (twice the
+    memory of a 7B K-quant base): the loaded model holds no mapping of its GGUF."""
+    from pathlib import Path
+
+    from lorablend.runtime.llamacpp import LlamaCppModel
+
+    lm = LlamaCppModel(str(converted["model"]), n_threads=1, n_seq=1)
+    try:
+        mapped = Path("/proc/self/maps").read_text()
+        assert str(lm.path) not in mapped and lm.path.name not in mapped
+    finally:
+        lm.close()
