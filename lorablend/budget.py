@@ -98,7 +98,7 @@ def seconds_per_pass(model_id: str, examples) -> float:
 
 def training_base(model_id: str, requested: str = "auto") -> tuple[str, str]:
     """The frozen base the steps train over (full precision, int8 or nf4), and why in a few words: `requested`
-    unless auto, else full precision where a step fits the free memory, then the smallest quantized base that does."""
+    unless auto, else full precision where a step fits the free memory, else NF4 (`quantized.training_base`)."""
     from lorablend.machine import available_gib
     from lorablend.runtime import quantized
     from lorablend.runtime.models import parameter_count

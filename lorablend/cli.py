@@ -584,8 +584,8 @@ def generate_cmd(
                                          "path. [default: 15 with the default setting and validation, else 0]"),
     train_base: str = typer.Option("auto", help="The frozen base the --budget's training steps run over: full "
                                    "(fp32) | int8 | nf4 (bitsandbytes; QLoRA on the CPU, for a 7B base in laptop "
-                                   "memory) | auto (full where a step fits the free memory, else the smallest that "
-                                   "does). The adapter is plain LoRA either way."),
+                                   "memory) | auto (full where a step fits the free memory, else nf4). The adapter "
+                                   "is plain LoRA either way."),
 ):
     """Turn a dataset into a LoRA adapter: a few tuned CPU training steps or a blend of bank adapters, whichever your
     held-out examples say is better.

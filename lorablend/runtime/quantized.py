@@ -13,9 +13,12 @@ from lorablend.errors import InputError
 
 KINDS = ("int8", "nf4")
 BASES = ("full",) + KINDS  # what `--train-base` takes besides auto
-# bytes per weight held for training: fp32 (what `load_model` loads), int8, NF4 (with its block scales)
-BYTES_PER_WEIGHT = {"full": 4.0, "int8": 1.0, "nf4": 0.56}
-PEAK = 1.6  # a training step's peak over the weights' bytes (activations, the LoRA's Adam state), measured at 7B
+AUTO = ("full", "nf4")  # int8 is never chosen: at 7B its step was slower than bf16's and twice NF4's memory
+# A training step's peak, per parameter: the weights as held (fp32 as `load_model` loads them; NF4 with its block
+# scales) plus what the step adds (activations at batch 8 with checkpointing, the LoRA and its Adam state, the
+# runtime). Measured at Mistral-7B's shapes (docs/PERFORMANCE.md, `benchmarks/laptop.py`): NF4 9.1 GiB.
+BYTES_PER_WEIGHT = {"full": 4.0, "nf4": 0.6}
+STEP_BYTES = 0.7
 
 
 def available() -> bool:
@@ -115,14 +118,18 @@ def check_start(start: str, kind: str) -> None:
                          "zero or from the blend, or pass --train-base full")
 
 
+def step_gib(params: int, kind: str) -> float:
+    """The peak memory of a training step over a `kind` base (GiB)."""
+    return params * (BYTES_PER_WEIGHT[kind] + STEP_BYTES) / 2**30
+
+
 def training_base(params: int | None, free_gib: float) -> tuple[str, str]:
-    """The base a training step fits in (full precision first), and why in a few words."""
+    """The base a training step fits in (full precision first, then NF4), and why in a few words."""
     if params is None:
         return "full", "the model's size is unknown here"
-    for kind in BASES:
-        need = PEAK * params * BYTES_PER_WEIGHT[kind] / 2**30
+    for kind in AUTO:
+        need = step_gib(params, kind)
         if need <= free_gib and (kind == "full" or available()):
-            what = "full precision" if kind == "full" else f"a {kind} base"
+            what = "full precision" if kind == "full" else f"an {kind} base"
             return kind, f"{what} needs ~{need:.1f} GiB to train and {free_gib:.1f} GiB are free"
-    need = PEAK * params * BYTES_PER_WEIGHT["nf4"] / 2**30
-    return "nf4", f"even an nf4 base needs ~{need:.1f} GiB and {free_gib:.1f} GiB are free (it may swap)"
+    return "nf4", f"even an nf4 base needs ~{step_gib(params, 'nf4'):.1f} GiB and {free_gib:.1f} GiB are free (it may swap)"
