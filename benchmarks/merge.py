@@ -96,11 +96,11 @@ def copy_tokenizer(writer, like: Path) -> None:
     """Every `tokenizer.*` field of the GGUF `like`."""
     import gguf
 
+    from lorablend.runtime.gguf_io import copy_field
+
     for field in gguf.GGUFReader(like).fields.values():
         if field.name.startswith("tokenizer."):
-            vtype = field.types[0]
-            writer.add_key_value(field.name, field.contents(), vtype,
-                                 sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+            copy_field(writer, field)
 
 
 def write_inputs(root: Path, base_dtype: str, cfg: dict = CONFIG) -> tuple[Path, Path, Path]:

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 
 from lorablend.errors import InputError
 from lorablend.runtime.recipes import BLEND_ALONE, STEP_PASSES, TUNED, tuned, tuned_budget
-from lorablend.runtime.starts import SHIFTS_BASE, START_PASSES
+from lorablend.runtime.quantized import holds
+from lorablend.runtime.starts import START_PASSES
 
 DEFAULT_BUDGET = 15.0  # what `generate` spends with no --budget: docs/FRONTIER.md, decision rule 3 (5 entries)
 MAX_STEPS = 256  # a budget beyond this many steps is refused: it is a training run, not a few steps
@@ -55,7 +56,7 @@ def plan(budget: float, blend_passes: float, base: str = "full") -> Plan:
     if budget >= blend_passes:
         options.append(Plan(budget, True, None, 0, blend_passes, BLEND_ALONE))
     for start, table in TUNED.items():
-        if base != "full" and start in SHIFTS_BASE:
+        if not holds(start, base):
             continue
         blend = start == "blend"
         left = budget - (blend_passes if blend else 0.0) - START_PASSES.get(start, 0.0)

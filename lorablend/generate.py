@@ -310,7 +310,7 @@ def generate(
                           gguf=gguf)
     timings["write_s"] = time.perf_counter() - t1
     return Result(out=out, provenance=prov, seconds=time.perf_counter() - t0, verdict=verdict,
-                  scoring=spent.get("scoring"), training_base=spent.get("training_base"))
+                  scoring=spent.get("scoring"), training_base=spent["training_base"] if trained else None)
 
 
 def _check_request(bank: Bank, setting: Setting, excluded: list[str], refine_steps: int, budget: float,

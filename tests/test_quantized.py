@@ -14,6 +14,10 @@ from lorablend.runtime import quantized
 KINDS = quantized.KINDS
 
 
+def _is_quantized(model) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
 def _lora(model, seed: int = 1):
     """`model` under a LoRA on q/v with a non-zero start (B = 0 would give A no gradient)."""
     import torch
@@ -77,11 +81,11 @@ def test_lora_gradients_over_a_quantized_base_are_those_of_its_dequantized_weigh
     import torch
 
     q = quantized.quantize(copy.deepcopy(base), kind, dtype=torch.float32)
-    assert quantized.is_quantized(q)
+    assert _is_quantized(q)
     ref = copy.deepcopy(q)
     _dequantized(ref)
     got = _grads(_lora(q), ids)
-    assert not quantized.is_quantized(ref)
+    assert not _is_quantized(ref)
     want = _grads(_lora(ref), ids)
     assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
 
@@ -111,7 +115,7 @@ def test_a_few_steps_over_a_quantized_base_lower_the_loss_and_give_a_plain_lora(
     factors, record = train_factors(model, load_tokenizer(str(tiny_model_dir)), examples, 12, cfg=cfg)
     losses = record["losses"]
     assert sum(losses[-3:]) < 0.97 * sum(losses[:3]), losses
-    assert quantized.is_quantized(model)  # given back as it came, without its LoRA layers
+    assert _is_quantized(model)  # given back as it came, without its LoRA layers
     assert not any("lora" in n for n, _ in model.named_modules())
     assert all(f.A.dtype == np.float32 and np.isfinite(f.delta()).all() for f in factors.values())
     assert {m.rsplit(".", 1)[-1] for m in factors} == {"q_proj", "v_proj"}

@@ -86,9 +86,7 @@ def rewrite_gguf(src: str | Path, out: str | Path, dtype: str, update=None, meta
         if field.name == keys.ALIGNMENT:
             writer.add_custom_alignment(field.contents())
             continue
-        vtype = field.types[0]
-        writer.add_key_value(field.name, field.contents(), vtype,
-                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+        copy_field(writer, field)
     writer.add_file_type(file_type)
     for key, value in (metadata or {}).items():
         writer.add_string(key, value)
@@ -119,6 +117,15 @@ def rewrite_gguf(src: str | Path, out: str | Path, dtype: str, update=None, meta
     out = Path(out)
     write_atomic(writer, out, data())
     return out
+
+
+def copy_field(writer, field) -> None:
+    """A metadata field of a GGUFReader into a GGUFWriter, with its value type (and an array's element type)."""
+    import gguf
+
+    vtype = field.types[0]
+    writer.add_key_value(field.name, field.contents(), vtype,
+                         sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
 
 
 def release_pages(reader, end: int) -> None:

@@ -4,7 +4,7 @@ CPU, so that a 7B training step fits a laptop's memory (docs/QUANTIZED-BASE.md c
 Two traps are handled here rather than by callers. On a CPU with AVX512-BF16, an eval-mode forward repacks
 bitsandbytes' 4-bit weights for inference for good, after which every LoRA gradient is silently None: `guard`
 turns that repacking off. And the data-aware starts that move the base weights (LoRA-GA, PiSSA) cannot write to
-quantized weights: `check_start` refuses them in one line.
+quantized weights: `holds` tells the planner, `check_start` refuses them in one line.
 """
 
 from __future__ import annotations
@@ -106,14 +106,15 @@ def guard(model):
     return model
 
 
-def is_quantized(model) -> bool:
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+def holds(start: str, kind: str) -> bool:
+    """Whether a `kind` base can train from `start` (LoRA-GA and PiSSA rewrite the base weights)."""
+    from lorablend.runtime.starts import SHIFTS_BASE
+
+    return kind not in KINDS or start not in SHIFTS_BASE
 
 
 def check_start(start: str, kind: str) -> None:
-    from lorablend.runtime.starts import SHIFTS_BASE
-
-    if kind in KINDS and start in SHIFTS_BASE:
+    if not holds(start, kind):
         raise InputError(f"the {start} start rewrites the base weights, which a {kind} base cannot hold; train from "
                          "zero or from the blend, or pass --train-base full")
 
