@@ -339,9 +339,9 @@ def blend_tier(bank: Bank, setting: Setting, dataset: Dataset, excluded: list[st
                verify: bool, timings: dict, spent: dict, backend: str = "torch"):
     """The gradient-free pipeline up to the coefficients: (the setting as run, its coefficients, the calibration).
     `spent["scoring"]` says where the model-based steps ran (`model_scoring`, from `backend`)."""
-    t0, calibration, make_scorer = time.perf_counter(), None, None
+    t0, calibration, make_scorer, first_order = time.perf_counter(), None, None, None
     if setting.uses_model:
-        setting, make_scorer, spent["scoring"] = model_scoring(bank, setting, dataset, backend)
+        setting, make_scorer, first_order, spent["scoring"] = model_scoring(bank, setting, dataset, backend)
     # (metrics ce and grad: every candidate is scored by the model)
     d = np.zeros(len(bank.names)) if setting.distance is None else dataset_distances(bank, setting, dataset, seed)
     timings["distances_s"] = time.perf_counter() - t0
@@ -352,29 +352,50 @@ def blend_tier(bank: Bank, setting: Setting, dataset: Dataset, excluded: list[st
     if verify and setting.uses_model:  # the model-based steps read every candidate adapter
         verify_entries(bank, [n for n in bank.names if n not in excluded])
     t1 = time.perf_counter()
-    c = coefficient_row(bank, setting, d, excluded, dataset, spent=spent, make_scorer=make_scorer)
+    c = coefficient_row(bank, setting, d, excluded, dataset, spent=spent, make_scorer=make_scorer,
+                        first_order=first_order)
     timings["coefficients_s"] = time.perf_counter() - t1
     return setting, {n: float(w) for n, w in zip(bank.names, c)}, calibration
 
 
 def model_scoring(bank: Bank, setting: Setting, dataset: Dataset, backend: str):
-    """(the setting as it can run, a scorer factory for `coefficient_row` (None: torch's), {backend, why}).
+    """(the setting as it can run, a scorer factory and a first-order row for `coefficient_row` (None: torch's),
+    {backend, why}).
 
     `auto` asks `llamacpp.scoring_backend`: torch where its precision is native and its peak fits the free memory,
-    else llama.cpp over the model's GGUF. llama.cpp has no backward pass, so a union retriever keeps its
-    distributional half there (grad+js retrieves by js alone); the metric grad alone stays on torch."""
+    else llama.cpp over the model's GGUF. llama.cpp has no backward pass, so a union retriever's first-order half
+    runs on torch at full precision where that fits (a `--backend llamacpp` the memory did not force), else over an
+    NF4 base (bitsandbytes; at 7B about a training step's memory over NF4), else the union keeps its distributional
+    half (grad+js retrieves by js alone). The metric grad alone stays on torch."""
+    from lorablend.machine import available_gib
     from lorablend.runtime.llamacpp import resolve_backend, scoring_backend
+    from lorablend.runtime.models import parameter_count
+    from lorablend.runtime.quantized import first_order_fits, load_quantized
 
     if backend == "auto":
         chosen, why = scoring_backend(bank.manifest.base_model)
     else:
         chosen, why = resolve_backend(backend, bank.manifest.base_model), f"--backend {backend}"
     if chosen == "torch" or setting.metric == "grad":
-        return setting, None, {"backend": "torch", "why": why if chosen == "torch" else "metric grad needs torch's "
-                                                                                      "backward pass"}
+        return setting, None, None, {"backend": "torch", "why": why if chosen == "torch" else
+                                     "metric grad needs torch's backward pass"}
+    record, first_order = {"backend": "llamacpp"}, None
     if setting.first_order:
-        why += f"; candidates retrieved by {setting.distance} alone (the first-order half needs torch's backward pass)"
-        setting = replace(setting, metric=setting.distance)
+        fits, how = first_order_fits(parameter_count(bank.manifest.base_model), available_gib())
+        if backend != "auto" and scoring_backend(bank.manifest.base_model)[0] == "torch":
+            why += "; the first-order half on torch (it fits at full precision)"
+            record["first_order"] = "full"
+        elif fits:
+            why += f"; the first-order half over an NF4 base ({how})"
+            record["first_order"] = "nf4"
+
+            def first_order(names: list[str]) -> np.ndarray:  # the NF4 model is freed before llama.cpp loads
+                return first_order_row(bank, names, dataset, setting.ce_examples,
+                                       model=load_quantized(bank.manifest.base_model, "nf4"))
+        else:
+            why += (f"; candidates retrieved by {setting.distance} alone (the first-order half needs a backward "
+                    f"pass: {how})")
+            setting = replace(setting, metric=setting.distance)
     examples = dataset.split("train")[: setting.ce_examples]
 
     def make_scorer(names: list[str]):
@@ -384,7 +405,7 @@ def model_scoring(bank: Bank, setting: Setting, dataset: Dataset, backend: str):
         return LlamaCppScorer(LlamaCppModel(bank.manifest.base_model), load_tokenizer(bank.manifest.base_model),
                               [bank.adapter_path(bank.entry(n)) for n in names], examples)
 
-    return setting, make_scorer, {"backend": "llamacpp", "why": why}
+    return setting, make_scorer, first_order, record | {"why": why}
 
 
 def nearest_coefficients(bank: Bank, dataset: Dataset, excluded: list[str], seed: int) -> dict[str, float]:

@@ -179,6 +179,25 @@ TOPICS = {
 }
 
 
+def dequantize(model) -> None:
+    """Each bitsandbytes layer of `model` back as a float Linear holding the weights it computes with."""
+    import bitsandbytes as bnb
+    import torch
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            scale = m.weight.SCB if m.weight.SCB is not None else m.state.SCB  # moved there by a forward
+            w = m.weight.data.float() * scale.float()[:, None] / 127
+        else:
+            continue
+        lin = torch.nn.Linear(m.in_features, m.out_features, bias=False)
+        lin.weight.data.copy_(w)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lin)
+
+
 def make_dataset_file(path: Path, topic: str, n: int = 24, seed: int = 0) -> Path:
     """A small JSONL dataset whose words come mostly from one topic."""
     import json

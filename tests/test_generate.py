@@ -224,9 +224,11 @@ def test_union_retriever_takes_half_from_each_and_fewer_when_they_agree():
     assert np.isfinite(retrieve_union(g, d, 50)).sum() == 5  # never the excluded (inf) entry
 
 
-def test_scoring_on_llamacpp_reranks_what_torch_reranks(converted, tiny_bank, user_dataset, tmp_path):
-    """`--backend llamacpp` (what `auto` picks without native bf16 or the memory): the rerank's ce runs on
-    llama.cpp, the union retriever keeps its distributional half, and the pick is torch's for that setting."""
+def test_scoring_on_llamacpp_reranks_what_torch_reranks(converted, tiny_bank, user_dataset, tmp_path, monkeypatch):
+    """On llama.cpp (what `auto` picks without native bf16 or the memory) the rerank's ce runs there, and the union
+    retriever's first-order half runs on torch where full precision fits (then the pick is torch's), else over an
+    NF4 base, else not at all (grad+js retrieves by js alone: then the pick is torch's js pick)."""
+    from lorablend.runtime import llamacpp, quantized
     from lorablend.settings import parse_setting
 
     root = shutil.copytree(tiny_bank, tmp_path / "bank")
@@ -237,13 +239,25 @@ def test_scoring_on_llamacpp_reranks_what_torch_reranks(converted, tiny_bank, us
     for entry in bank.entries:  # the adapters name it too
         config = bank.adapter_path(entry) / "adapter_config.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(converted["model"])}))
-    runs = {}
-    for backend, setting in (("llamacpp", "target-tokens/grad+js/normalized/svd/top1/rerank3"),
-                             ("torch", "target-tokens/js/normalized/svd/top1/rerank3")):
-        result = generate(bank, ds, tmp_path / backend, parse_setting(setting), backend=backend)
-        runs[backend] = result
-    ours = runs["llamacpp"]
-    assert ours.scoring["backend"] == "llamacpp" and "retrieved by js alone" in ours.scoring["why"]
-    assert ours.provenance.metric == "js" and ours.provenance.scoring == "llamacpp"
-    assert ours.provenance.coefficients == runs["torch"].provenance.coefficients
-    assert runs["torch"].scoring == {"backend": "torch", "why": "--backend torch"}
+    union, js = (parse_setting(f"target-tokens/{m}/normalized/svd/top1/rerank3") for m in ("grad+js", "js"))
+
+    def run(name, backend, setting):
+        return generate(bank, ds, tmp_path / name, setting, backend=backend)
+
+    torch_union, torch_js = run("torch-union", "torch", union), run("torch-js", "torch", js)
+    assert torch_union.scoring == {"backend": "torch", "why": "--backend torch"}
+    forced = run("forced", "llamacpp", union)  # torch fits this model: the first-order half stays on it
+    assert forced.scoring["backend"] == "llamacpp" and forced.scoring["first_order"] == "full"
+    assert forced.provenance.metric == "grad+js" and forced.provenance.scoring == "llamacpp"
+    assert forced.provenance.coefficients == torch_union.provenance.coefficients
+
+    monkeypatch.setattr(llamacpp, "scoring_backend", lambda model_id: ("llamacpp", "the memory (test)"))
+    nf4 = run("nf4", "auto", union)
+    assert nf4.scoring["first_order"] == "nf4" and "over an NF4 base" in nf4.scoring["why"]
+    assert nf4.provenance.metric == "grad+js" and sum(nf4.provenance.coefficients.values()) == pytest.approx(1.0)
+
+    monkeypatch.setattr(quantized, "available", lambda: False)
+    alone = run("js-alone", "auto", union)
+    assert "retrieved by js alone" in alone.scoring["why"] and "bitsandbytes is not installed" in alone.scoring["why"]
+    assert "first_order" not in alone.scoring
+    assert alone.provenance.metric == "js" and alone.provenance.coefficients == torch_js.provenance.coefficients

@@ -8,6 +8,7 @@ import copy
 
 import numpy as np
 import pytest
+from conftest import dequantize
 
 from lorablend.runtime import quantized
 
@@ -43,25 +44,6 @@ def _grads(model, ids) -> np.ndarray:
     return torch.cat([g.flatten() for g in grads]).numpy()
 
 
-def _dequantized(model) -> None:
-    """Each bitsandbytes layer of `model` back as a float Linear holding the weights it computes with."""
-    import bitsandbytes as bnb
-    import torch
-
-    for name, m in list(model.named_modules()):
-        if isinstance(m, bnb.nn.Linear4bit):
-            w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-        elif isinstance(m, bnb.nn.Linear8bitLt):
-            scale = m.weight.SCB if m.weight.SCB is not None else m.state.SCB  # moved there by a forward
-            w = m.weight.data.float() * scale.float()[:, None] / 127
-        else:
-            continue
-        lin = torch.nn.Linear(m.in_features, m.out_features, bias=False)
-        lin.weight.data.copy_(w)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, lin)
-
-
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
     from lorablend.runtime.models import load_model
@@ -83,7 +65,7 @@ def test_lora_gradients_over_a_quantized_base_are_those_of_its_dequantized_weigh
     q = quantized.quantize(copy.deepcopy(base), kind, dtype=torch.float32)
     assert _is_quantized(q)
     ref = copy.deepcopy(q)
-    _dequantized(ref)
+    dequantize(ref)
     got = _grads(_lora(q), ids)
     assert not _is_quantized(ref)
     want = _grads(_lora(ref), ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_bank
+from conftest import dequantize, make_bank
 
 from lorablend.bank.manifest import Bank
 from lorablend.dataset import load_dataset
@@ -59,6 +59,31 @@ def test_first_order_scores_do_not_depend_on_prefix_sharing_or_batching_and_are_
     assert runs[0].tobytes() == runs[3].tobytes()
     assert [p.requires_grad for p in model.parameters()] == flags  # the model is left as it was found
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ("int8", "nf4"))
+def test_first_order_scores_over_a_quantized_base_are_those_of_its_dequantized_weights(
+        mixed_bank, tiny_model_dir, user_dataset, kind):
+    """Over bitsandbytes layers the weights take no gradient: the hooks' sum of δ xᵀ stands in for it."""
+    import copy
+
+    import torch
+
+    from lorablend.runtime import quantized
+    from lorablend.runtime.scoring import FirstOrderScorer
+
+    model, tok, readers, examples = _setup(mixed_bank, tiny_model_dir, user_dataset)
+    q = quantized.quantize(copy.deepcopy(model), kind, dtype=torch.float32)
+    ref = copy.deepcopy(q)
+    dequantize(ref)
+    modules = readers[0].modules
+    got, want = (FirstOrderScorer(m, tok, modules, examples, bf16=False, tokens=64) for m in (q, ref))
+    for m in modules:
+        assert not q.get_submodule(m).weight.is_floating_point()  # the hooked path ran
+        g, w = got.gradients[m].numpy(), want.gradients[m].numpy()
+        assert np.linalg.norm(g - w) <= 1e-4 * np.linalg.norm(w), m
+        assert not q.get_submodule(m)._forward_hooks  # the hooks are gone
+    np.testing.assert_allclose(got.scores(readers), want.scores(readers), rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- #

@@ -124,6 +124,18 @@ def step_gib(params: int, kind: str) -> float:
     return params * (BYTES_PER_WEIGHT[kind] + STEP_BYTES) / 2**30
 
 
+def first_order_fits(params: int | None, free_gib: float) -> tuple[bool, str]:
+    """Whether the first-order pass fits over an NF4 base (where full precision does not), and why in a few words.
+    Its peak is taken as a training step's: the gradient it sums for q/k/v in fp32 stands in for the step's
+    optimizer state and checkpointed activations."""
+    if not available():
+        return False, "bitsandbytes is not installed"
+    if params is None:
+        return False, "the model's size is unknown here"
+    need = step_gib(params, "nf4")
+    return need <= free_gib, f"over an NF4 base it needs ~{need:.1f} GiB and {free_gib:.1f} GiB are free"
+
+
 def training_base(params: int | None, free_gib: float) -> tuple[str, str]:
     """The base a training step fits in (full precision first, then NF4), and why in a few words."""
     if params is None:
