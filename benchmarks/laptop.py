@@ -3,6 +3,7 @@ one machine and thread count.
 
     python -m benchmarks.laptop --paths ce:llamacpp-q4_k_m,ce:llamacpp-q8_0,ce:torch-bf16 --threads 2 --out docs/results-laptop
     python -m benchmarks.laptop --paths train:nf4,train:int8,train:bf16 --threads 2 --out docs/results-laptop
+    python -m benchmarks.laptop --paths grad:nf4,grad:bf16 --threads 2 --out docs/results-laptop
     python -m benchmarks.laptop --report --out docs/results-laptop       # the table, with the ratios
 
 A random model of those shapes (7.4 B parameters with SmolLM2's 49k vocabulary, whose tokenizer it uses) and
@@ -14,6 +15,8 @@ the model's creation included) is its own:
 - `ce:llamacpp-q8_0`, `ce:llamacpp-q4_k_m`: `LlamaCppModel.target_nll` (what `LlamaCppScorer` runs) over a GGUF
   quantized by llama.cpp's own quantizer from an F16 file this run writes (both deleted at the end), the
   candidates applied at run time as GGUF LoRAs;
+- `grad:bf16`, `grad:nf4`: the first-order pass (`FirstOrderScorer`, 256-token slices) over bf16 weights or an
+  NF4 base (the hooked gradient `generate` takes where llama.cpp scores), then `--candidates` adapters scored;
 - `train:bf16`: one LoRA training step (batch 8, r=16 on q/k/v, AdamW, bf16 autocast, activation checkpointing)
   over bf16 weights; `train:int8`, `train:nf4`: the same step over a bitsandbytes base (`runtime/quantized.py`),
   built a decoder layer at a time so that no float copy of the model is ever whole.
@@ -37,7 +40,8 @@ from types import SimpleNamespace
 
 from benchmarks.merge import CONFIG
 
-PATHS = ("ce:torch-bf16", "ce:llamacpp-q8_0", "ce:llamacpp-q4_k_m", "train:bf16", "train:int8", "train:nf4")
+PATHS = ("ce:torch-bf16", "ce:llamacpp-q8_0", "ce:llamacpp-q4_k_m", "train:bf16", "train:int8", "train:nf4",
+         "grad:bf16", "grad:nf4")
 TASK = "subtask001_quoref_question_generation"
 EXAMPLES = 16
 MISTRAL = {"layers": CONFIG["num_hidden_layers"], "hidden": CONFIG["hidden_size"],
@@ -133,12 +137,37 @@ def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:
             "tokens": step["train_tokens"]}
 
 
+def first_order(threads: int, kind: str, tmp: Path, sizes: SimpleNamespace, candidates: int) -> dict:
+    """The first-order pass (`FirstOrderScorer`: forward and backward over the 16 examples in 256-token slices),
+    then `candidates` synthetic adapters scored after it."""
+    import torch
+
+    from benchmarks.ce_cost import synthetic_model, synthetic_readers
+    from lorablend.runtime.models import load_tokenizer
+    from lorablend.runtime.scoring import FirstOrderScorer
+
+    torch.set_num_threads(threads)
+    model_id, exs = examples()
+    tok = load_tokenizer(model_id)
+    t = time.perf_counter()
+    model = synthetic_model(sizes, len(tok), None if kind == "bf16" else kind)
+    load_s = time.perf_counter() - t
+    readers = synthetic_readers(sizes, tmp, candidates)
+    scorer = FirstOrderScorer(model, tok, readers[0].modules, exs)
+    t = time.perf_counter()
+    scorer.scores(readers)
+    return {"load_s": round(load_s, 1), "wall_s": round(scorer.seconds, 2), "cpu_s": round(scorer.cpu_seconds, 2),
+            "scoring_s_per_adapter": round((time.perf_counter() - t) / candidates, 2)}
+
+
 def _child(path: str, threads: int, candidates: int, given: dict, gguf: str | None, result) -> None:
     sizes = shapes(given)
     with tempfile.TemporaryDirectory() as tmp:
         what, kind = path.split(":")
         if what == "train":
             row = train(threads, kind, sizes)
+        elif what == "grad":
+            row = first_order(threads, kind, Path(tmp), sizes, candidates)
         elif kind == "torch-bf16":
             row = ce_torch(threads, candidates, Path(tmp), sizes)
         else:
@@ -203,7 +232,7 @@ def run(paths: list[str], threads: int, candidates: int, out: Path, scratch: Pat
             t = time.perf_counter()
             child.start()
             row = _result(child, result, path)
-            row = {"path": path, "threads": threads, "candidates": candidates if path.startswith("ce:") else None,
+            row = {"path": path, "threads": threads, "candidates": None if path.startswith("train:") else candidates,
                    "examples": EXAMPLES, **row, "process_s": round(time.perf_counter() - t, 1),
                    "shapes": given, "cpu": machine()["cpu"], "bf16_kernels": bf16_kernels()}
             print(json.dumps(row), flush=True)
@@ -216,7 +245,7 @@ def run(paths: list[str], threads: int, candidates: int, out: Path, scratch: Pat
 def report(out: Path) -> str:
     rows = {r["path"]: r for r in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
     lines = ["| path | seconds (wall) | CPU s | peak RSS GB | load s | vs torch bf16 (seconds) |", "|---|---|---|---|---|---|"]
-    for what, ref in (("ce:", "ce:torch-bf16"), ("train:", "train:bf16")):
+    for what, ref in (("ce:", "ce:torch-bf16"), ("train:", "train:bf16"), ("grad:", "grad:bf16")):
         for p in [p for p in PATHS if p.startswith(what) and p in rows]:
             r = rows[p]
             ratio = f"{r['wall_s'] / rows[ref]['wall_s']:.2f}×" if ref in rows else ""

@@ -10,7 +10,7 @@ def test_laptop_benchmark_measures_each_path_once(smollm2_dir, tmp_path, capsys)
     from benchmarks.laptop import main
 
     shapes = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
-    paths = "ce:llamacpp-q8_0,ce:torch-bf16,train:nf4,train:bf16"
+    paths = "ce:llamacpp-q8_0,ce:torch-bf16,train:nf4,train:bf16,grad:nf4"
     main(["--paths", paths, "--threads", "1", "--candidates", "1", "--out", str(tmp_path), *shapes])
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["path"] for r in rows] == paths.split(",")
@@ -21,7 +21,7 @@ def test_laptop_benchmark_measures_each_path_once(smollm2_dir, tmp_path, capsys)
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)
     main(["--report", "--out", str(tmp_path)])
     table = capsys.readouterr().out
-    assert "| ce:llamacpp-q8_0 |" in table and "| train:nf4 |" in table
+    assert "| ce:llamacpp-q8_0 |" in table and "| train:nf4 |" in table and "| grad:nf4 |" in table
 
 
 def test_an_unknown_path_is_one_clear_line(tmp_path):
