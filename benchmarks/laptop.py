@@ -74,18 +74,25 @@ def peak_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def ce_torch(threads: int, candidates: int, tmp: Path, sizes: SimpleNamespace) -> dict:
+def built(threads: int, sizes: SimpleNamespace, kind: str = "bf16"):
+    """(tokenizer, examples, the synthetic model held as `kind`, its build seconds), torch on `threads` threads."""
     import torch
 
-    from benchmarks.ce_cost import synthetic_model, synthetic_readers, time_candidates
+    from benchmarks.ce_cost import synthetic_model
     from lorablend.runtime.models import load_tokenizer
 
     torch.set_num_threads(threads)
     model_id, exs = examples()
     tok = load_tokenizer(model_id)
     t = time.perf_counter()
-    model = synthetic_model(sizes, len(tok))
-    load_s = time.perf_counter() - t
+    model = synthetic_model(sizes, len(tok), None if kind == "bf16" else kind)
+    return tok, exs, model, time.perf_counter() - t
+
+
+def ce_torch(threads: int, candidates: int, tmp: Path, sizes: SimpleNamespace) -> dict:
+    from benchmarks.ce_cost import synthetic_readers, time_candidates
+
+    tok, exs, model, load_s = built(threads, sizes)
     readers = synthetic_readers(sizes, tmp, candidates + 1)
     cpu, wall, losses = time_candidates(model, tok, readers, exs, True, candidates)
     return {"load_s": round(load_s, 1), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
@@ -121,17 +128,9 @@ def ce_llamacpp(threads: int, candidates: int, tmp: Path, sizes: SimpleNamespace
 
 
 def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:
-    import torch
+    from benchmarks.ce_cost import time_training_step
 
-    from benchmarks.ce_cost import synthetic_model, time_training_step
-    from lorablend.runtime.models import load_tokenizer
-
-    torch.set_num_threads(threads)
-    model_id, exs = examples()
-    tok = load_tokenizer(model_id)
-    t = time.perf_counter()
-    model = synthetic_model(sizes, len(tok), None if kind == "bf16" else kind)
-    load_s = time.perf_counter() - t
+    tok, exs, model, load_s = built(threads, sizes, kind)
     step = time_training_step(model, tok, exs, sizes)  # one step, no warm-up (`ce_cost`'s: a step is minutes at 7B)
     return {"load_s": round(load_s, 1), "wall_s": step["train_step_wall_s"], "cpu_s": step["train_step_cpu_s"],
             "tokens": step["train_tokens"]}
@@ -140,18 +139,10 @@ def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:
 def first_order(threads: int, kind: str, tmp: Path, sizes: SimpleNamespace, candidates: int) -> dict:
     """The first-order pass (`FirstOrderScorer`: forward and backward over the 16 examples in 256-token slices),
     then `candidates` synthetic adapters scored after it."""
-    import torch
-
-    from benchmarks.ce_cost import synthetic_model, synthetic_readers
-    from lorablend.runtime.models import load_tokenizer
+    from benchmarks.ce_cost import synthetic_readers
     from lorablend.runtime.scoring import FirstOrderScorer
 
-    torch.set_num_threads(threads)
-    model_id, exs = examples()
-    tok = load_tokenizer(model_id)
-    t = time.perf_counter()
-    model = synthetic_model(sizes, len(tok), None if kind == "bf16" else kind)
-    load_s = time.perf_counter() - t
+    tok, exs, model, load_s = built(threads, sizes, kind)
     readers = synthetic_readers(sizes, tmp, candidates)
     scorer = FirstOrderScorer(model, tok, readers[0].modules, exs)
     t = time.perf_counter()

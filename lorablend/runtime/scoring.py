@@ -36,6 +36,9 @@ from lorablend.runtime.prompts import PromptFormat, common_prefix, pad_pairs, pr
 CE_EXAMPLES = 16
 FIRST_ORDER_PASSES = 3  # forward-pass equivalents of one forward + backward pass (a backward costs ~2 forwards)
 FIRST_ORDER_TOKENS = 256  # padded tokens per backward slice: bounds the activations it keeps (7B shapes: docs/PERFORMANCE.md)
+# Over a quantized base each slice dequantizes every weight twice (forward and backward), so slices are larger there;
+# the gradient, summed in the compute dtype like a float base's, leaves room for their activations.
+QUANTIZED_FIRST_ORDER_TOKENS = 512
 
 
 @dataclass
@@ -250,13 +253,14 @@ class FirstOrderScorer:
     their own dtype (bf16 at 7B: 1.6 GB for q/k/v), and the examples run in slices of at most `tokens`
     padded tokens, so the activations kept for the backward pass stay bounded whatever k is.
 
-    Over a quantized base (bitsandbytes int8 or NF4: a 7B pass in ~9 GiB, where llama.cpp scores) the weights
-    take no gradient; hooks sum ∂L/∂W = Σₜ δₜ xₜᵀ from each adapted layer's inputs and output gradients instead.
+    Over a quantized base (bitsandbytes int8 or NF4: a 7B pass fits a 16 GB laptop, where llama.cpp scores) the
+    weights take no gradient; hooks sum ∂L/∂W = Σₜ δₜ xₜᵀ from each adapted layer's inputs and output gradients
+    instead, in slices of QUANTIZED_FIRST_ORDER_TOKENS unless `tokens` says otherwise.
     """
 
     def __init__(self, model, tokenizer, modules: list[str], examples: list[Example],
                  fmt: PromptFormat = PromptFormat(), bf16: bool | None = None, share_prefix: bool = True,
-                 tokens: int = FIRST_ORDER_TOKENS):
+                 tokens: int | None = None):
         import torch
 
         bf16 = native_bf16() if bf16 is None else bf16
@@ -264,8 +268,11 @@ class FirstOrderScorer:
         full = encode(tokenizer, examples, fmt, share_prefix)
         layers = {m: model.get_submodule(m) for m in modules}
         weights = {m: layer.weight for m, layer in layers.items() if layer.weight.is_floating_point()}
-        hooks, summed = [], {m: torch.zeros(layer.out_features, layer.in_features)
+        hooks, summed = [], {m: torch.zeros(layer.out_features, layer.in_features,
+                                            dtype=torch.bfloat16 if bf16 else torch.float32)
                              for m, layer in layers.items() if m not in weights}
+        if tokens is None:
+            tokens = FIRST_ORDER_TOKENS if not summed else QUANTIZED_FIRST_ORDER_TOKENS
         flags = {p: p.requires_grad for p in model.parameters()}
         try:
             for p in flags:
@@ -330,7 +337,8 @@ def _summing(gradient):
         x = inputs[0].detach()
 
         def add(d):
-            gradient.addmm_(d.reshape(-1, d.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
+            dtype = gradient.dtype
+            gradient.addmm_(d.reshape(-1, d.shape[-1]).T.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))
 
         if not output.requires_grad:
             output.requires_grad_()
