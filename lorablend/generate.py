@@ -365,7 +365,7 @@ def model_scoring(bank: Bank, setting: Setting, dataset: Dataset, backend: str):
     `auto` asks `llamacpp.scoring_backend`: torch where its precision is native and its peak fits the free memory,
     else llama.cpp over the model's GGUF. llama.cpp has no backward pass, so a union retriever's first-order half
     runs on torch at full precision where that fits (a `--backend llamacpp` the memory did not force), else over an
-    NF4 base (bitsandbytes; at 7B about a training step's memory over NF4), else the union keeps its distributional
+    NF4 base (bitsandbytes, where `quantized.first_order_fits`), else the union keeps its distributional
     half (grad+js retrieves by js alone). The metric grad alone stays on torch."""
     from lorablend.machine import available_gib
     from lorablend.runtime.llamacpp import resolve_backend, scoring_backend

@@ -115,6 +115,19 @@ def test_without_room_even_for_nf4_the_reason_says_so():
     assert kind == "nf4" and "even an nf4 base" in why
 
 
+@pytest.mark.parametrize("params, free, fits", [(7.39e9, 16.0, True), (7.39e9, 11.0, False), (1.35e8, 1.0, True),
+                                                (None, 64.0, False)])
+def test_the_first_order_pass_over_nf4_is_taken_where_its_measured_peak_fits(params, free, fits):
+    """At Mistral-7B's shapes the pass peaked at 11.2 GiB over NF4: a 16 GB laptop has room, 11 GiB free does not."""
+    got, why = quantized.first_order_fits(params, free)
+    assert got is fits and why
+
+
+def test_without_bitsandbytes_the_first_order_pass_does_not_fit(monkeypatch):
+    monkeypatch.setattr(quantized, "available", lambda: False)
+    assert quantized.first_order_fits(1.35e8, 64.0) == (False, "bitsandbytes is not installed")
+
+
 @pytest.mark.parametrize("start", ["lora-ga", "pissa"])
 def test_a_start_that_rewrites_the_base_is_refused_over_a_quantized_one(start):
     from lorablend.errors import InputError

@@ -19,6 +19,9 @@ AUTO = ("full", "nf4")  # int8 is never chosen: at 7B its step was slower than b
 # runtime). Measured at Mistral-7B's shapes (docs/PERFORMANCE.md, `benchmarks/laptop.py`): NF4 9.1 GiB.
 BYTES_PER_WEIGHT = {"full": 4.0, "nf4": 0.6}
 STEP_BYTES = 0.7
+# The first-order pass's peak beyond the weights, per parameter: the gradient summed for the adapted q/k/v, a
+# 512-token slice's activations, the runtime. Measured at the same shapes: 11.2 GiB over NF4.
+FIRST_ORDER_BYTES = 1.05
 
 
 def available() -> bool:
@@ -125,14 +128,12 @@ def step_gib(params: int, kind: str) -> float:
 
 
 def first_order_fits(params: int | None, free_gib: float) -> tuple[bool, str]:
-    """Whether the first-order pass fits over an NF4 base (where full precision does not), and why in a few words.
-    Its peak is taken as a training step's: the gradient it sums for q/k/v in fp32 stands in for the step's
-    optimizer state and checkpointed activations."""
+    """Whether the first-order pass fits over an NF4 base (where full precision does not), and why in a few words."""
     if not available():
         return False, "bitsandbytes is not installed"
     if params is None:
         return False, "the model's size is unknown here"
-    need = step_gib(params, "nf4")
+    need = params * (BYTES_PER_WEIGHT["nf4"] + FIRST_ORDER_BYTES) / 2**30
     return need <= free_gib, f"over an NF4 base it needs ~{need:.1f} GiB and {free_gib:.1f} GiB are free"
 
 
