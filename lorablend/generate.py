@@ -369,29 +369,32 @@ def model_scoring(bank: Bank, setting: Setting, dataset: Dataset, backend: str):
     half (grad+js retrieves by js alone). The metric grad alone stays on torch."""
     from lorablend.machine import available_gib
     from lorablend.runtime.llamacpp import resolve_backend, scoring_backend
-    from lorablend.runtime.models import parameter_count
+    from lorablend.runtime.models import load_model, parameter_count
     from lorablend.runtime.quantized import first_order_fits, load_quantized
 
+    model_id = bank.manifest.base_model
     if backend == "auto":
-        chosen, why = scoring_backend(bank.manifest.base_model)
+        chosen, why = scoring_backend(model_id)
     else:
-        chosen, why = resolve_backend(backend, bank.manifest.base_model), f"--backend {backend}"
+        chosen, why = resolve_backend(backend, model_id), f"--backend {backend}"
     if chosen == "torch" or setting.metric == "grad":
         return setting, None, None, {"backend": "torch", "why": why if chosen == "torch" else
                                      "metric grad needs torch's backward pass"}
     record, first_order = {"backend": "llamacpp"}, None
     if setting.first_order:
-        fits, how = first_order_fits(parameter_count(bank.manifest.base_model), available_gib())
-        if backend != "auto" and scoring_backend(bank.manifest.base_model)[0] == "torch":
-            why += "; the first-order half on torch (it fits at full precision)"
-            record["first_order"] = "full"
-        elif fits:
-            why += f"; the first-order half over an NF4 base ({how})"
-            record["first_order"] = "nf4"
+        if backend != "auto" and scoring_backend(model_id)[0] == "torch":
+            base, how = "full", "the full-precision base fits"
+        else:
+            fits, how = first_order_fits(parameter_count(model_id), available_gib())
+            base = "nf4" if fits else None
+        if base:
+            held = "an NF4" if base == "nf4" else "the full-precision"
+            why += f"; the first-order half on torch over {held} base ({how})"
+            record["first_order"] = base
 
-            def first_order(names: list[str]) -> np.ndarray:  # the NF4 model is freed before llama.cpp loads
-                return first_order_row(bank, names, dataset, setting.ce_examples,
-                                       model=load_quantized(bank.manifest.base_model, "nf4"))
+            def first_order(names: list[str]) -> np.ndarray:  # its model is freed before llama.cpp loads its own
+                model = load_quantized(model_id, "nf4") if base == "nf4" else load_model(model_id)
+                return first_order_row(bank, names, dataset, setting.ce_examples, model=model)
         else:
             why += (f"; candidates retrieved by {setting.distance} alone (the first-order half needs a backward "
                     f"pass: {how})")
@@ -402,7 +405,7 @@ def model_scoring(bank: Bank, setting: Setting, dataset: Dataset, backend: str):
         from lorablend.runtime.llamacpp import LlamaCppModel, LlamaCppScorer
         from lorablend.runtime.models import load_tokenizer
 
-        return LlamaCppScorer(LlamaCppModel(bank.manifest.base_model), load_tokenizer(bank.manifest.base_model),
+        return LlamaCppScorer(LlamaCppModel(model_id), load_tokenizer(model_id),
                               [bank.adapter_path(bank.entry(n)) for n in names], examples)
 
     return setting, make_scorer, first_order, record | {"why": why}
