@@ -58,7 +58,7 @@ def run(entries: list[str], bases: list[str], labelled: Path, out: Path, threads
     from lorablend.bank.combination import open_readers
     from lorablend.bank.manifest import Bank
     from lorablend.dataset import load_dataset
-    from lorablend.generate import first_order_scorer
+    from lorablend.generate import first_order_row
     from lorablend.runtime.quantized import load_quantized
     from lorablend.runtime.scoring import CE_EXAMPLES
 
@@ -74,9 +74,8 @@ def run(entries: list[str], bases: list[str], labelled: Path, out: Path, threads
             full = json.loads(cached(labelled, e, ".grad").read_text())
             names = full["names"]  # the candidates under holdout entry, in the study's order
             t = time.perf_counter()
-            scorer = first_order_scorer(bank, readers[names[0]].modules, load_dataset(bank.dataset_path(
-                bank.entry(e)), name=e), CE_EXAMPLES, model)
-            scores = scorer.scores([readers[n] for n in names])
+            scores = first_order_row(bank, names, load_dataset(bank.dataset_path(bank.entry(e)), name=e), CE_EXAMPLES,
+                                     model=model, readers=readers)
             row = {"entry": e, "base": base, "candidates": json.dumps(names),
                    "scores": json.dumps([round(float(s), 9) for s in scores]),
                    "seconds": round(time.perf_counter() - t, 2)}

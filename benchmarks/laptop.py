@@ -15,8 +15,8 @@ the model's creation included) is its own:
 - `ce:llamacpp-q8_0`, `ce:llamacpp-q4_k_m`: `LlamaCppModel.target_nll` (what `LlamaCppScorer` runs) over a GGUF
   quantized by llama.cpp's own quantizer from an F16 file this run writes (both deleted at the end), the
   candidates applied at run time as GGUF LoRAs;
-- `grad:bf16`, `grad:nf4`: the first-order pass (`FirstOrderScorer`, 256-token slices) over bf16 weights or an
-  NF4 base (the hooked gradient `generate` takes where llama.cpp scores), then `--candidates` adapters scored;
+- `grad:bf16`, `grad:nf4`: the first-order pass (`FirstOrderScorer` with its own slices: 256 tokens over bf16, 512
+  over NF4) over bf16 weights or an NF4 base (the hooked gradient `generate` takes where llama.cpp scores), then `--candidates` adapters scored;
 - `train:bf16`: one LoRA training step (batch 8, r=16 on q/k/v, AdamW, bf16 autocast, activation checkpointing)
   over bf16 weights; `train:int8`, `train:nf4`: the same step over a bitsandbytes base (`runtime/quantized.py`),
   built a decoder layer at a time so that no float copy of the model is ever whole.
@@ -137,8 +137,8 @@ def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:
 
 
 def first_order(threads: int, kind: str, tmp: Path, sizes: SimpleNamespace, candidates: int) -> dict:
-    """The first-order pass (`FirstOrderScorer`: forward and backward over the 16 examples in 256-token slices),
-    then `candidates` synthetic adapters scored after it."""
+    """The first-order pass (`FirstOrderScorer`: forward and backward over the 16 examples, in the slices it takes
+    for this base), then `candidates` synthetic adapters scored after it."""
     from benchmarks.ce_cost import synthetic_readers
     from lorablend.runtime.scoring import FirstOrderScorer
 
