@@ -205,6 +205,7 @@ def generate(
     budget: float = 0.0,
     train_base: str = "auto",
     gguf: bool = False,
+    answered: dict | None = None,
 ) -> Result:
     """Build an adapter for `dataset` from `bank` and write it to `out` (atomically).
 
@@ -220,6 +221,7 @@ def generate(
     from the best start at the tuned schedule; the trained adapters join the validated candidates. 0: no training.
     `train_base`: the frozen base those steps run over: full, int8, nf4, or auto (`budget.training_base`).
     `gguf`: also write adapter.gguf (llama.cpp's LoRA format) in the same atomic write.
+    `answered`: validation answers to reuse and extend across calls on the same dataset (`validate.validate`).
     """
     t0 = time.perf_counter()
     setting.check()
@@ -258,7 +260,7 @@ def generate(
         t1 = time.perf_counter()
         verdict, won = validated(bank, setting, coefs, dataset, held, where, excluded, seed,
                                  uncertain=total_examples(full) < FEW_EXAMPLES, backend=backend,
-                                 pick=p is None or p.blend, extra=extra, nearest=nearest)
+                                 pick=p is None or p.blend, extra=extra, nearest=nearest, answered=answered)
         timings["validate_s"] = time.perf_counter() - t1
         if won.factors is None:
             coefs = won.coefficients
@@ -451,11 +453,11 @@ def refined(bank: Bank, modules: dict[str, Factors], dataset: Dataset, steps: in
 
 def validated(bank: Bank, setting: Setting, coefs: dict[str, float], dataset: Dataset, held, where: dict,
               excluded: list[str], seed: int, *, uncertain: bool, backend: str, pick: bool = True, extra=(),
-              nearest: dict[str, float] | None = None):
+              nearest: dict[str, float] | None = None, answered: dict | None = None):
     """(the verdict, the candidate written): the setting's pick (when `pick`) and the `extra` candidates (e.g. a
     trained adapter) against the nearest adapter (`nearest`, when already computed), the uniform average and no
     adapter, on the held-out examples (`validate.validate`). Candidates equal to an earlier one are scored once."""
-    from lorablend.validate import NEAREST_PICK, NO_ADAPTER, PICK, UNIFORM, Candidate, validate
+    from lorablend.validate import NEAREST_PICK, NO_ADAPTER, PICK, UNIFORM, Candidate, kept, validate
 
     usable = [n for n in bank.names if n not in excluded]
     nearest = nearest if nearest is not None else nearest_coefficients(bank, dataset, excluded, seed)
@@ -464,14 +466,10 @@ def validated(bank: Bank, setting: Setting, coefs: dict[str, float], dataset: Da
         Candidate(UNIFORM, "uniform", {n: (1 / len(usable) if n in usable else 0.0) for n in bank.names}),
         *extra, Candidate(NO_ADAPTER, "", None)]
     unique = [c for j, c in enumerate(tried) if c.coefficients is None or all(
-        _kept(c.coefficients) != _kept(o.coefficients) for o in tried[:j] if o.coefficients is not None)]
+        kept(c.coefficients) != kept(o.coefficients) for o in tried[:j] if o.coefficients is not None)]
     verdict = validate(bank, unique, held, where | {"seed": seed}, combine=setting.combine, rank=setting.rank,
-                       uncertain=uncertain, backend=backend, seed=seed)
+                       uncertain=uncertain, backend=backend, seed=seed, answered=answered)
     return verdict, next(c for c in unique if c.name == verdict.written)
-
-
-def _kept(coefs: dict[str, float]) -> dict[str, float]:
-    return {n: round(w, 9) for n, w in coefs.items() if w > 1e-9}
 
 
 def dataset_distances(bank: Bank, setting: Setting, dataset: Dataset, seed: int) -> np.ndarray:

@@ -10,6 +10,8 @@ examples) is shown, written to lorablend.json and returned.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -54,6 +56,7 @@ class Verdict:
     uncertain: bool  # too few examples in all for a firm verdict
     backend: str
     seconds: dict[str, float] = field(default_factory=dict)  # per candidate (not written to lorablend.json)
+    reused: tuple[str, ...] = ()  # candidates answered by an earlier validation: their seconds were spent there
 
     @property
     def helps(self) -> bool:
@@ -61,7 +64,27 @@ class Verdict:
         return self.chosen != NO_ADAPTER and self.gain[0] > 0
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "seconds"} | {"helps": self.helps}
+        return {k: v for k, v in asdict(self).items() if k not in ("seconds", "reused")} | {"helps": self.helps}
+
+
+def kept(coefs: dict[str, float]) -> dict[str, float]:
+    """The coefficients that make an adapter, rounded: two candidates with equal `kept` are the same adapter."""
+    return {n: round(w, 9) for n, w in coefs.items() if w > 1e-9}
+
+
+def answers_key(cand: Candidate, model_id: str, examples: list[Example], max_new_tokens: int, combine: str,
+                rank: int | None, backend: str) -> str:
+    """Everything a candidate's greedy answers depend on, hashed: equal keys give equal answers."""
+    h = hashlib.sha256(json.dumps([model_id, backend, max_new_tokens, combine, rank,
+                                   [[e.instruction, e.input] for e in examples]]).encode())
+    if cand.factors is not None:
+        for module in sorted(cand.factors):
+            f = cand.factors[module]
+            h.update(f"{module}:{f.scale!r}:{f.A.dtype}{f.A.shape}{f.B.shape}".encode())
+            h.update(np.ascontiguousarray(f.A).tobytes() + np.ascontiguousarray(f.B).tobytes())
+    elif cand.coefficients is not None:
+        h.update(json.dumps(sorted(kept(cand.coefficients).items())).encode())
+    return h.hexdigest()
 
 
 def split_validation(dataset: Dataset, seed: int = 0, n: int = VALIDATION_EXAMPLES) -> tuple[Dataset, list[Example], dict]:
@@ -114,8 +137,13 @@ def choose(candidates: list[Candidate], answers_of, examples: list[Example], whe
 
 
 def validate(bank, candidates: list[Candidate], examples: list[Example], where: dict, *, combine: str,
-             rank: int | None, uncertain: bool, backend: str = "auto", seed: int = 0) -> Verdict:
-    """Build each candidate in a temporary dir, answer the validation examples with it and choose."""
+             rank: int | None, uncertain: bool, backend: str = "auto", seed: int = 0,
+             answered: dict | None = None) -> Verdict:
+    """Build each candidate in a temporary dir, answer the validation examples with it and choose.
+
+    `answered` (answers_key -> (answers, seconds)) carries answers across validations of the same examples: a
+    candidate found there is not answered again, and what this one answers is added (the demo's two paths share
+    their no-adapter, nearest and uniform candidates)."""
     import tempfile
 
     from lorablend.output import write_combination, write_output
@@ -124,22 +152,33 @@ def validate(bank, candidates: list[Candidate], examples: list[Example], where: 
     from lorablend.runtime.models import load_tokenizer
 
     model_id = bank.manifest.base_model
+    answered = {} if answered is None else answered
     budget = max_new_tokens_for(load_tokenizer(model_id), [e.target for e in examples])
+    used = resolve_backend(backend, model_id)
+    keys = {c.name: answers_key(c, model_id, examples, budget, combine, rank, used) for c in candidates}
+    new = [c for c in candidates if keys[c.name] not in answered]
     with tempfile.TemporaryDirectory(prefix="lorablend-validate-") as tmp:
         dirs = {}
-        for j, cand in enumerate(candidates):
+        for j, cand in enumerate(new):
             if cand.factors is not None:
                 dirs[cand.name] = Path(tmp) / str(j)
                 write_output(dirs[cand.name], cand.factors, model_id, None, force=False, dtype="float32")
             elif cand.coefficients is not None:
                 dirs[cand.name] = Path(tmp) / str(j)
                 write_combination(bank, cand.coefficients, dirs[cand.name], combine, rank)
-        model, tok = load_for_eval(model_id, {name: str(d) for name, d in dirs.items()}, backend=backend)
-        used = resolve_backend(backend, model_id)
+        model, tok = load_for_eval(model_id, {name: str(d) for name, d in dirs.items()}, backend=backend) if new \
+            else (None, None)
         try:
-            return choose(candidates, lambda c: answers_with(model, c.name if c.is_adapter else None, tok,
-                                                             examples, max_new_tokens=budget),
-                          examples, where, uncertain=uncertain, backend=used, seed=seed)
+            for cand in new:
+                t0 = time.perf_counter()
+                answers = answers_with(model, cand.name if cand.is_adapter else None, tok, examples,
+                                       max_new_tokens=budget)
+                answered[keys[cand.name]] = (answers, time.perf_counter() - t0)
         finally:
             if hasattr(model, "close"):
                 model.close()
+    verdict = choose(candidates, lambda c: answered[keys[c.name]][0], examples, where, uncertain=uncertain,
+                     backend=used, seed=seed)
+    verdict.seconds = {c.name: answered[keys[c.name]][1] for c in candidates}
+    verdict.reused = tuple(c.name for c in candidates if c.name not in {n.name for n in new})
+    return verdict

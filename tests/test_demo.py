@@ -5,6 +5,7 @@ import json
 from conftest import run_cli
 
 from lorablend.bank.manifest import Bank
+from lorablend.validate import NO_ADAPTER
 
 
 def test_demo_runs_the_default_generate_on_family_out_tasks(tiny_bank, tmp_path, capfd):
@@ -49,3 +50,7 @@ def test_demo_shows_the_gradient_free_adapter_and_the_budgets_side_by_side(tiny_
     assert record["spent"] <= 4.0 and record["plan"]["start"] == "zero"
     assert json.loads((paths["gradient-free"].adapter / "lorablend.json").read_text())["budget"] is None
     assert all(m.seconds > 0 and 0.0 <= m.scores.rouge_l <= 1.0 for m in paths.values())
+    budget_verdict = paths["budget 4"].verdict  # the second path reuses the first's answers, and still counts them
+    assert NO_ADAPTER in budget_verdict.reused and not paths["gradient-free"].verdict.reused
+    assert [n for n in budget_verdict.scores if n not in budget_verdict.reused] == [
+        n for n in budget_verdict.scores if n.startswith("trained")]

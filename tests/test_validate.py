@@ -13,9 +13,10 @@ from lorablend.dataset import load_dataset
 from lorablend.errors import NoGain
 from lorablend.generate import generate
 from lorablend.settings import Setting
-from lorablend.validate import NO_ADAPTER, Candidate, choose, split_validation
+from lorablend.validate import NO_ADAPTER, Candidate, answers_key, choose, split_validation
 
 MODEL_AWARE = Setting(sketch="target-tokens", metric="js", top_k=1, rerank=3, combine="cat")
+LABEL_FREE = Setting(sketch="target-tokens", metric="js", top_k=1, combine="cat")
 
 
 def _plain(tmp_path, n=40, split=False):
@@ -57,6 +58,44 @@ def test_choose_keeps_the_best_and_writes_the_best_adapter_when_no_adapter_wins(
     answers["a"] = right
     v = choose(cands, lambda c: answers[c.name], examples, {"split": "valid"}, uncertain=False, backend="torch")
     assert v.chosen == NO_ADAPTER and v.written == "a" and v.gain[0] == 0.0 and not v.helps  # a tie: no gain
+
+
+def test_answers_key_tells_adapters_and_examples_apart(tmp_path):
+    from lorablend.combine import Factors
+
+    examples = _plain(tmp_path).split("train")[:4]
+    f = {"m": Factors(np.ones((2, 3), np.float32), np.ones((4, 2), np.float32), 2.0)}
+    g = {"m": Factors(np.ones((2, 3), np.float32), np.full((4, 2), 1.5, np.float32), 2.0)}
+
+    def key(c, e=examples):
+        return answers_key(c, "model", e, 8, "cat", None, "torch")
+
+    trained = Candidate("trained", "", None, f)
+    assert key(trained) == key(Candidate("another name", "", None, f))  # the adapter, not its name
+    assert len({key(trained), key(Candidate("trained", "", None, g)), key(Candidate(NO_ADAPTER, "", None))}) == 3
+    assert key(Candidate("a", "", {"x": 0.5, "y": 0.5, "z": 0.0})) == key(Candidate("b", "", {"y": 0.5, "x": 0.5}))
+    assert key(trained) != key(trained, examples[:3]) and key(trained) != answers_key(trained, "model", examples, 9,
+                                                                                     "cat", None, "torch")
+
+
+def test_validations_of_the_same_examples_share_their_answers(tiny_bank, tmp_path, monkeypatch):
+    from lorablend.runtime import evaluate
+
+    calls, real = [], evaluate.answers_with
+    monkeypatch.setattr(evaluate, "answers_with", lambda model, name, *a, **kw: calls.append(name) or real(
+        model, name, *a, **kw))
+    ds, bank, answered = _plain(tmp_path), Bank.open(tiny_bank), {}
+    ds.splits.pop("valid", None)
+    first = generate(bank, ds, tmp_path / "a", LABEL_FREE, validate=True, backend="torch", answered=answered).verdict
+    n = len(calls)
+    again = generate(bank, ds, tmp_path / "b", LABEL_FREE, validate=True, backend="torch", answered=answered).verdict
+    assert n == len(first.scores) and len(calls) == n  # nothing answered twice
+    assert (again.scores, again.written, again.seconds) == (first.scores, first.written, first.seconds)
+    assert not first.reused and set(again.reused) == set(first.scores)
+    other = generate(bank, ds, tmp_path / "c", LABEL_FREE, validate=True, backend="torch", seed=1,
+                     answered=answered).verdict
+    assert other.examples["indices"] != first.examples["indices"]
+    assert len(calls) == n + len(other.scores) and not other.reused  # other held-out examples: all answered anew
 
 
 @pytest.fixture
