@@ -199,7 +199,8 @@ def bank_info(bank: str = typer.Argument(..., help="Bank directory, or 'default'
 
 @app.command("demo")
 def demo_cmd(
-    task: Optional[str] = typer.Option(None, help="One bank task to treat as the new dataset (default: a fixed few)."),
+    task: Optional[str] = typer.Option(None, help="One bank task to treat as the new dataset (default: the two "
+                                       "cheapest first tasks of the families)."),
     bank: str = typer.Option("default", help="Bank directory, or 'default'."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the generated adapters (one dir per task)."),
     n: int = typer.Option(30, help="Test examples to score per task."),

@@ -2,9 +2,12 @@
 
 import json
 
+import numpy as np
+
 from conftest import run_cli
 
 from lorablend.bank.manifest import Bank
+from lorablend.dataset import load_dataset
 from lorablend.validate import NO_ADAPTER
 
 
@@ -15,7 +18,7 @@ def test_demo_runs_the_default_generate_on_family_out_tasks(tiny_bank, tmp_path,
 
     bank = Bank.open(tiny_bank)
     tasks = demo_tasks(bank)
-    assert tasks == ["animals", "code", "music"]  # the first task by name of the first families by name
+    assert len(tasks) == 2 and set(tasks) < set(bank.first_of_each_family())  # one task per family
     out = tmp_path / "demo-out"
     code, stdout, err = run_cli(["demo", "--bank", str(tiny_bank), "--n", "3", "--out", str(out), "--backend", "torch"],
                                 capfd)
@@ -33,6 +36,20 @@ def test_demo_runs_the_default_generate_on_family_out_tasks(tiny_bank, tmp_path,
                                  "--backend", "torch"], capfd)
     assert code == 0 and (out / "math" / "gradient-free" / "adapter_model.safetensors").is_file()
     assert "mean" not in stdout
+
+
+def test_demo_takes_the_cheapest_first_tasks_of_the_families(tiny_bank):
+    from lorablend.demo import demo_tasks
+    from lorablend.runtime.models import load_tokenizer
+    from lorablend.runtime.prompts import training_pair
+
+    bank = Bank.open(tiny_bank)
+    tok = load_tokenizer(bank.manifest.base_model)
+    cost = {t: np.mean([len(training_pair(tok, e)[0]) for e in load_dataset(bank.dataset_path(bank.entry(t)), name=t)
+                        .split("train")[:16]]) for t in bank.first_of_each_family()}
+    assert len(set(cost.values())) > 2  # the rule has something to choose
+    tasks = demo_tasks(bank, 3)
+    assert sorted(cost[t] for t in tasks) == sorted(cost.values())[:3] and demo_tasks(bank, 1) == tasks[:1]
 
 
 def test_demo_shows_the_gradient_free_adapter_and_the_budgets_side_by_side(tiny_bank, tmp_path, monkeypatch):
