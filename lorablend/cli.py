@@ -247,7 +247,7 @@ def demo_cmd(
                           f"{sum(r.paths[w].seconds for r in rows):.0f}")
         table.add_row("", "own LoRA (32 steps)", f"{fmean(r.own.rouge_l for r in rows):.3f}", "", "")
     out.print(table)
-    shared = sum(m.verdict.seconds[name] for r in rows for m in r.paths.values() for name in m.verdict.reused)
+    shared = sum(m.verdict.reused_seconds for r in rows for m in r.paths.values())
     out.print(f"adapters: {', '.join(str(m.adapter) for r in rows for m in r.paths.values())} (PEFT format); "
               f"total {time.perf_counter() - t0:.0f}s. Each path's seconds are its own, as if run alone; the second "
               f"reused the first's validation answers to the candidates both try ({shared:.0f}s not spent twice)")

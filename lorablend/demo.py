@@ -94,8 +94,7 @@ def run_demo(tasks: list[str], bank: str = "default", out: Path | None = None, n
 
 def alone(result) -> float:
     """A path's seconds as if run alone: what it spent, plus the validation answers it took from the other path."""
-    v = result.verdict
-    return result.seconds + sum(v.seconds[name] for name in v.reused)
+    return result.seconds + result.verdict.reused_seconds
 
 
 def _plain(model):

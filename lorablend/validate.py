@@ -59,6 +59,11 @@ class Verdict:
     reused: tuple[str, ...] = ()  # candidates answered by an earlier validation: their seconds were spent there
 
     @property
+    def reused_seconds(self) -> float:
+        """What the reused answers took where they were computed: spent there, not here."""
+        return sum(self.seconds[name] for name in self.reused)
+
+    @property
     def helps(self) -> bool:
         """Whether the written adapter beat the base model on the validation examples."""
         return self.chosen != NO_ADAPTER and self.gain[0] > 0
@@ -180,5 +185,6 @@ def validate(bank, candidates: list[Candidate], examples: list[Example], where: 
     verdict = choose(candidates, lambda c: answered[keys[c.name]][0], examples, where, uncertain=uncertain,
                      backend=used, seed=seed)
     verdict.seconds = {c.name: answered[keys[c.name]][1] for c in candidates}
-    verdict.reused = tuple(c.name for c in candidates if c.name not in {n.name for n in new})
+    fresh = {c.name for c in new}
+    verdict.reused = tuple(c.name for c in candidates if c.name not in fresh)
     return verdict
