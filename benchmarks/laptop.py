@@ -124,7 +124,16 @@ def ce_llamacpp(threads: int, candidates: int, tmp: Path, sizes: SimpleNamespace
         total, count = model.target_nll(pairs, {f"c{i}": 1.0})
         losses.append(total / count)
     return {"load_s": round(load_s, 1), "wall_s": round((time.perf_counter() - wall) / candidates, 2),
-            "cpu_s": round((time.process_time() - cpu) / candidates, 2), "loss": round(float(np.mean(losses)), 3)}
+            "cpu_s": round((time.process_time() - cpu) / candidates, 2), "loss": round(float(np.mean(losses)), 3),
+            "llamacpp": llamacpp_build()}
+
+
+def llamacpp_build() -> str:
+    """The CPU features llama.cpp was compiled with (AMX_INT8 = 1 when its AMX kernels are in): rows from two builds
+    must be told apart."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
 
 
 def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:
