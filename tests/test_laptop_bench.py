@@ -16,6 +16,7 @@ def test_laptop_benchmark_measures_each_path_once(smollm2_dir, tmp_path, capsys)
     assert [r["path"] for r in rows] == paths.split(",")
     assert all(r["wall_s"] > 0 and 0 < r["peak_rss_gb"] < 4 for r in rows), rows
     assert all(10 < r["loss"] < 12 for r in rows if r["path"].startswith("ce:"))  # ~ln(49152): random weights
+    assert all("AVX" in r["llamacpp"] for r in rows if r["path"].startswith("ce:llamacpp"))  # the build's features
     assert all(r["tokens"] > 0 for r in rows if r["path"].startswith("train:"))
     main(["--paths", paths, "--out", str(tmp_path), *shapes])  # everything measured: nothing runs again
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)
