@@ -5,7 +5,8 @@
 #                this project's machines carry on disk; elsewhere use e.g. "torch"
 #                with --index-url https://download.pytorch.org/whl/cpu)
 #   LLAMACPP     1 (default): also install the llama.cpp backend (llama-cpp-python, built
-#                from source for this CPU without llama.cpp's AMX kernel: scripts/llamacpp.sh);
+#                from source for this CPU; llama.cpp's AMX kernels only where the CPU has AMX
+#                and clang >= 19 with OpenMP is installed: scripts/llamacpp.sh);
 #                0: skip it, PyTorch is then the only backend
 set -euo pipefail
 cd "$(dirname "$0")/.."

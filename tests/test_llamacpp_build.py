@@ -1,10 +1,11 @@
 """The llama.cpp library that scripts/llamacpp.sh builds: right on every x86-64 CPU, not only this one.
 
-llama.cpp's AMX kernel crashes (ggml-org/llama.cpp#20824) or returns garbage (#16315) on Q4_0/Q4_1
-weights, and a -march=native build compiles it in on any CPU with AMX. The machines that run these
+llama.cpp's AMX kernels are reported to crash (ggml-org/llama.cpp#20824) or return garbage (#16315) on
+quantized weights, and a -march=native build compiles them in on any CPU with AMX. The script keeps them
+only where they were checked: a CPU with AMX and clang >= 19 with OpenMP. The machines that run these
 tests may have no AMX, so each property is checked in a way that does not depend on the CPU at hand:
-the library's own symbols and feature string, and the compiler's view of the build flags for a
-Sapphire Rapids target, where the kernel would otherwise be compiled.
+the build record, the library's own symbols and feature string, the script's choice on a given CPU and
+PATH, and the compiler's view of the build flags for a Sapphire Rapids target.
 """
 
 from __future__ import annotations
@@ -52,22 +53,58 @@ def test_build_record_matches_this_machine(llama_cpp):
     """setup records how the library was built; a build for another CPU or with other flags is stale."""
     record = json.loads(RECORD.read_text())
     assert record["version"] == llama_cpp.__version__
-    assert record["cflags"] == (script_cflags() if X86 else [])
+    assert record["cflags"] == (script_cflags() if X86 and not record.get("amx") else [])
     cpu = Path("/proc/cpuinfo").read_text().splitlines()
     flags = next((line.split(":", 1)[1].split() for line in cpu if re.match(r"^(flags|Features)\s*:", line)), [])
     assert record["cpu_flags"] == sorted(flags), "llama.cpp was built on another CPU: rerun `bash scripts/setup.sh`"
 
 
-def test_built_library_has_no_amx_kernel(llama_cpp):
-    """No AMX symbol in any ggml library, and llama.cpp reports no AMX feature.
-
-    A control symbol that every CPU build has is found by the same scan, so the scan can fail.
-    """
+def test_library_has_amx_kernels_only_where_the_build_chose_them(llama_cpp):
+    """AMX symbols in the ggml libraries and AMX in llama.cpp's feature string exactly when the build record
+    says the script chose them. A control symbol that every CPU build has is found by the same scan."""
+    chosen = json.loads(RECORD.read_text()).get("amx", False)
     blobs = {lib.name: lib.read_bytes() for lib in ggml_libraries(llama_cpp)}
     assert any(b"ggml_backend_cpu_init" in blob for blob in blobs.values())
-    assert [name for name, blob in blobs.items() if b"ggml_backend_amx" in blob] == []
+    assert any(b"ggml_backend_amx" in blob for blob in blobs.values()) == chosen
     info = llama_cpp.llama_print_system_info().decode()
-    assert "AMX" not in info, info
+    assert ("AMX_INT8 = 1" in info) == chosen, info
+
+
+def fake_tool(bin_dir: Path, name: str, script: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/bash\n" + script + "\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("cpu, clangs, env, expected", [
+    ("avx512f avx512_vnni", {"clang-19": "19.1.7"}, {}, "this CPU has no AMX"),
+    ("avx512f avx512_vnni amx_tile amx_int8", {"clang-19": "19.1.7"}, {}, "with AMX kernels, by clang-19"),
+    ("avx512f avx512_vnni amx_tile amx_int8", {"clang": "20.1.2"}, {}, "with AMX kernels, by clang"),
+    ("avx512f avx512_vnni amx_tile amx_int8", {"clang": "18.1.3"}, {}, "built only by clang >= 19"),
+    ("avx512f avx512_vnni amx_tile amx_int8", {"clang-19": "19.1.7 no-openmp"}, {}, "built only by clang >= 19"),
+    ("avx512f avx512_vnni amx_tile amx_int8", {}, {}, "built only by clang >= 19"),
+    ("avx512f avx512_vnni amx_tile amx_int8", {"clang-19": "19.1.7"}, {"LLAMACPP_AMX": "0"}, "(LLAMACPP_AMX=0)"),
+])
+def test_script_chooses_amx_only_with_amx_and_clang_19(tmp_path, cpu, clangs, env, expected):
+    """The script's choice (LLAMACPP_PLAN=1 builds nothing) on a given x86 CPU and PATH: only the tools the
+    choice needs are on PATH, so the compilers of the machine running the test play no part."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "grep", "cut", "tr", "sort", "sed", "head"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    fake_tool(bin_dir, "uname", "echo x86_64")
+    for name, version in clangs.items():
+        openmp = "exit 1" if "no-openmp" in version else "exit 0"
+        body = f'[ "$1" = --version ] && {{ echo "Debian clang version {version.split()[0]}"; exit 0; }}\n' \
+               f'[[ " $* " == *" -fopenmp "* ]] && {openmp}\nexit 0'
+        fake_tool(bin_dir, name, body)
+        fake_tool(bin_dir, name.replace("clang", "clang++"), body)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {cpu}\n")
+    done = subprocess.run([str(bin_dir / "bash"), str(SCRIPT)], capture_output=True, text=True,
+                          env={"PATH": str(bin_dir), "LLAMACPP_PLAN": "1", "LLAMACPP_CPUINFO": str(cpuinfo), **env})
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout, done.stdout
 
 
 @pytest.mark.skipif(not X86, reason="AMX exists only on x86")
