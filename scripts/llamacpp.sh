@@ -5,7 +5,7 @@
 # ggml's AMX matrix kernels, which are reported to crash (ggml-org/llama.cpp#20824) or compute garbage
 # (#16315) on quantized weights in some builds. Built by clang >= 19 with OpenMP they were checked here
 # (docs/PERFORMANCE.md, "llama.cpp's AMX kernels"): the same losses and answers as the build without
-# them, and 7B scoring about 2x faster. So they are compiled in only on a CPU with AMX and with such a
+# them, and 7B scoring 2-3.5x faster. So they are compiled in only on a CPU with AMX and with such a
 # clang on PATH; otherwise -mno-amx-* removes them (ggml guards them with `__AMX_INT8__ &&
 # __AVX512VNNI__`) while keeping every other feature of the CPU (AVX2, AVX-512, VNNI, BF16).
 # LLAMACPP_AMX=0 keeps them out; LLAMACPP_PLAN=1 prints the choice and builds nothing.
@@ -47,7 +47,7 @@ if [ -n "$CFLAGS_EXTRA" ] && [[ " $cpu_flags " == *" amx_int8 "* ]]; then
     amx=1; CFLAGS_EXTRA=""; export CC=$cc CXX=${cc/clang/clang++}
     plan="with AMX kernels, by $cc"
   else
-    plan="without AMX kernels: they are built only by clang >= 19 with OpenMP (e.g. apt install clang-19 libomp-19-dev), which makes 7B scoring about 2x faster on this CPU"
+    plan="without AMX kernels: they are built only by clang >= 19 with OpenMP (e.g. apt install clang-19 libomp-19-dev), which makes 7B scoring 2-3.5x faster on this CPU"
   fi
 fi
 if [ "${LLAMACPP_PLAN:-0}" = 1 ]; then
