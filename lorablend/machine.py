@@ -14,13 +14,18 @@ def native_bf16() -> bool:
     return bf16_kernels() != "none"
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 def bf16_kernels() -> str:
     """Which bf16 kernels this CPU runs: amx, avx512_bf16 or none. Training in bf16 is bit-reproducible only within
     one kind (and one torch): AMX and AVX512-BF16 accumulate in other orders."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "none"
+    flags = cpu_flags()
     return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
 
 

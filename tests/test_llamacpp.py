@@ -205,6 +205,27 @@ def test_scoring_backend_follows_precision_and_memory(converted, monkeypatch, bf
     assert chosen == want and f"{free:.1f} GiB are free" in why
 
 
+@pytest.mark.parametrize("cpu, build, noted", [
+    ({"avx512f", "amx_int8"}, b"CPU : AVX512 = 1 | REPACK = 1 |", True),  # AMX CPU, llama.cpp built without it
+    ({"avx512f", "amx_int8"}, b"CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |", False),
+    ({"avx2"}, b"CPU : AVX2 = 1 | REPACK = 1 |", False),  # no AMX to miss
+])
+def test_llamacpp_scoring_notes_missing_amx_kernels(converted, monkeypatch, cpu, build, noted):
+    import llama_cpp
+
+    import lorablend.machine
+    import lorablend.runtime.models
+    from lorablend.runtime.llamacpp import scoring_backend
+
+    monkeypatch.setattr(lorablend.machine, "native_bf16", lambda: True)
+    monkeypatch.setattr(lorablend.machine, "available_gib", lambda: 12.0)
+    monkeypatch.setattr(lorablend.machine, "cpu_flags", lambda: frozenset(cpu))
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: build)
+    monkeypatch.setattr(lorablend.runtime.models, "parameter_count", lambda model_id: int(7.2e9))
+    chosen, why = scoring_backend(str(converted["model"]))
+    assert chosen == "llamacpp" and ("without its AMX kernels" in why) == noted, why
+
+
 def test_scoring_backend_without_a_gguf_is_torch(tiny_model_dir):
     from lorablend.runtime.llamacpp import scoring_backend
 
