@@ -104,7 +104,7 @@ def ce_llamacpp(threads: int, candidates: int, tmp: Path, sizes: SimpleNamespace
 
     from benchmarks.ce_cost import synthetic_readers
     from lorablend.runtime.gguf import export_gguf
-    from lorablend.runtime.llamacpp import LlamaCppModel
+    from lorablend.runtime.llamacpp import LlamaCppModel, build_features
     from lorablend.runtime.models import load_tokenizer
     from lorablend.runtime.prompts import training_pair
 
@@ -125,15 +125,7 @@ def ce_llamacpp(threads: int, candidates: int, tmp: Path, sizes: SimpleNamespace
         losses.append(total / count)
     return {"load_s": round(load_s, 1), "wall_s": round((time.perf_counter() - wall) / candidates, 2),
             "cpu_s": round((time.process_time() - cpu) / candidates, 2), "loss": round(float(np.mean(losses)), 3),
-            "llamacpp": llamacpp_build()}
-
-
-def llamacpp_build() -> str:
-    """The CPU features llama.cpp was compiled with (AMX_INT8 = 1 when its AMX kernels are in): rows from two builds
-    must be told apart."""
-    import llama_cpp
-
-    return llama_cpp.llama_print_system_info().decode().strip()
+            "llamacpp": build_features()}  # rows of an AMX build and of one without must be told apart
 
 
 def train(threads: int, kind: str, sizes: SimpleNamespace) -> dict:

@@ -113,14 +113,19 @@ def scoring_backend(model_id: str) -> tuple[str, str]:
     return "llamacpp", f"torch in {precision} would need ~{need:.1f} GiB and {free:.1f} GiB are free{amx_note()}"
 
 
+def build_features() -> str:
+    """The CPU features this llama.cpp was compiled with ("AMX_INT8 = 1" when its AMX kernels are in)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
 def amx_note() -> str:
     """Where this CPU has AMX but this llama.cpp was built without its AMX kernels, the user can have 2-3.5x faster
     scoring by rebuilding (docs/PERFORMANCE.md, "llama.cpp's AMX kernels"): say so."""
-    import llama_cpp
-
     from lorablend.machine import cpu_flags
 
-    if "amx_int8" in cpu_flags() and "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode():
+    if "amx_int8" in cpu_flags() and "AMX_INT8 = 1" not in build_features():
         return ("; this llama.cpp was built without its AMX kernels, which score 2-3.5x faster on this CPU "
                 "(docs/GUIDE.md, \"CPUs\")")
     return ""
