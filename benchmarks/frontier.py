@@ -13,7 +13,8 @@ trained at its tuned schedule for 1, 2, 4, 8 and 16 steps (one run per distinct 
 is chosen for: the schedule is constant, so the first K steps of a run are the K-step adapter), and
 `generate --budget B` for each B (validated on the valid split, scored on the test sample). Trained adapters learn
 from the whole train split. A record is one line of scores.csv with its per-example Rouge-L, appended when measured,
-so a stopped run resumes.
+so a stopped run resumes. A trained record names its schedule: when the tuned table changes, the cells it changed run
+again and the report leaves out the records of schedules the table no longer chooses.
 """
 
 from __future__ import annotations
@@ -27,13 +28,26 @@ from pathlib import Path
 
 from benchmarks.rows import append_rows, read_rows
 
-FIELDS = ("entry", "what", "steps", "passes", "rouge_l", "per_example", "seconds", "won")
+FIELDS = ("entry", "what", "steps", "passes", "rouge_l", "per_example", "seconds", "won", "schedule")
 _MODEL: dict = {}
 
 
 def first_entries(bank) -> list[str]:
     families = list(dict.fromkeys(e.family for e in bank.entries))
     return [sorted(e.name for e in bank.entries if e.family == f)[0] for f in families]
+
+
+def schedule(start: str, steps: int) -> str:
+    """The tuned schedule a trained record ran, as scores.csv names it: 'lr/warm-up'."""
+    from lorablend.runtime.recipes import tuned
+
+    cfg = tuned(start, steps)
+    return f"{cfg.lr:g}/{cfg.warmup}"
+
+
+def current(r: dict) -> bool:
+    """Whether a record is of the tuned table as it stands (records that are not trained always are)."""
+    return not r["what"].startswith("train:") or r["schedule"] == schedule(r["what"][6:].split("@")[0], r["steps"])
 
 
 def read(out: Path) -> list[dict]:
@@ -75,10 +89,11 @@ class Entry:
                    answers_with(model, adapter, self.tok, self.test, max_new_tokens=self.budget))
         return [round(rouge(a, e.outputs)[0], 5) for a, e in zip(answers, self.test)]
 
-    def row(self, what: str, steps: int, passes: float, scores: list[float], seconds: float) -> dict:
+    def row(self, what: str, steps: int, passes: float, scores: list[float], seconds: float, schedule: str = ""
+            ) -> dict:
         return {"entry": self.name, "what": what, "steps": steps, "passes": round(passes, 2),
                 "rouge_l": round(sum(scores) / len(scores), 5), "per_example": scores, "seconds": round(seconds, 1),
-                "won": ""}
+                "won": "", "schedule": schedule}
 
 
 def fixed_rows(e: Entry, out: Path) -> list[dict]:
@@ -129,7 +144,7 @@ def trained_rows(e: Entry, start: str, out: Path, done: set) -> list[dict]:
         extra = saved["passes"]
     groups: dict = {}
     for k in BUDGET_STEPS:
-        if (f"train:{start}", k) not in done:
+        if (f"train:{start}", k, schedule(start, k)) not in done:
             groups.setdefault(TUNED[start][k][:2], []).append(k)
     rows = []
     for ks in groups.values():
@@ -141,7 +156,7 @@ def trained_rows(e: Entry, start: str, out: Path, done: set) -> list[dict]:
                 s = e.per_example(peft_model, False)
                 spent[0] += time.perf_counter() - t
                 rows.append(e.row(f"train:{start}", step, extra + START_PASSES.get(start, 0.0) + STEP_PASSES * step,
-                                  s, time.perf_counter() - t0 - spent[0]))
+                                  s, time.perf_counter() - t0 - spent[0], schedule(start, step)))
 
         train_factors(e.model, e.tok, e.ds.split("train"), max(ks), 0, init, cfg=tuned(start, max(ks)), at_step=score)
     return rows
@@ -165,7 +180,7 @@ def quantized_rows(e: Entry, bases: list[str], done: set) -> list[dict]:
     rows = []
     for base in bases:
         what = f"train:zero@{base}"
-        if (what, QUANTIZED_STEPS) in done:
+        if (what, QUANTIZED_STEPS, schedule("zero", QUANTIZED_STEPS)) in done:
             continue
         t0 = time.perf_counter()
         factors, _ = train_factors(quantize(copy.deepcopy(e.model), base), e.tok, e.ds.split("train"),
@@ -177,7 +192,8 @@ def quantized_rows(e: Entry, bases: list[str], done: set) -> list[dict]:
             scores = e.per_example(model, "a")
             e.model = model.unload()
             _MODEL[e.model_id] = (e.model, e.tok)
-        rows.append(e.row(what, QUANTIZED_STEPS, STEP_PASSES * QUANTIZED_STEPS, scores, seconds))
+        rows.append(e.row(what, QUANTIZED_STEPS, STEP_PASSES * QUANTIZED_STEPS, scores, seconds,
+                          schedule("zero", QUANTIZED_STEPS)))
     return rows
 
 
@@ -190,7 +206,7 @@ def budget_rows(e: Entry, budgets: list[float], out: Path, done: set) -> list[di
 
     rows = []
     for b in budgets:
-        if (f"budget:{b:g}", 0) in done:
+        if (f"budget:{b:g}", 0, "") in done:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -220,9 +236,9 @@ def run(bank_root: str, entries: list[str], n: int, budgets: list[float], starts
     with Progress() as progress:
         bar = progress.add_task("entries", total=len(entries))
         for name in entries:
-            done = {(r["what"], r["steps"]) for r in read(out) if r["entry"] == name}
+            done = {(r["what"], r["steps"], r["schedule"]) for r in read(out) if r["entry"] == name}
             e = Entry(bank, name, n, tasks / f"{name}.jsonl.gz" if tasks else None)
-            if ("base", 0) not in done or not (out / "blends" / f"{name}.json").exists():
+            if ("base", 0, "") not in done or not (out / "blends" / f"{name}.json").exists():
                 append(out, fixed_rows(e, out))
             for start in starts:
                 append(out, trained_rows(e, start, out, done))
@@ -243,7 +259,8 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
     from lorablend.stats import paired_bootstrap
 
     by: dict = {}
-    for r in rows:
+    superseded = [r for r in rows if not current(r)]
+    for r in filter(current, rows):
         by.setdefault((r["what"], r["steps"]), {})[r["entry"]] = r
     entries = sorted({r["entry"] for r in rows if ("base", 0) in by and r["entry"] in by[("base", 0)]})
     common = [e for e in entries if all(e in v for k, v in by.items() if not k[0].startswith("budget")
@@ -255,7 +272,9 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
 
     lines = [MARKER, "", f"Entries with every trained and blend row: {len(common)} ({', '.join(common)}); "
              f"{len(entries)} with any. Test examples per entry: {len(rows[0]['per_example']) if rows else 0}. "
-             "Means over the entries (each entry's mean Rouge-L on its test sample).", "",
+             "Means over the entries (each entry's mean Rouge-L on its test sample)."
+             + (f" Left out: {len(superseded)} trained records of schedules the tuned table no longer chooses."
+                if superseded else ""), "",
              "| what | steps | passes (mean) | mean Rouge-L | entries |", "|---|---|---|---|---|"]
     for key in sorted(by, key=lambda k: (k[0].split(":")[0] != "base", k[0], k[1])):
         among = common if not key[0].startswith("budget") and "@" not in key[0] else entries

@@ -36,6 +36,25 @@ def test_the_frontier_study_runs_resumes_and_reports(table, tiny_bank, tmp_path)
     page.write_text("rules\n\n" + frontier.MARKER + "\n")
     frontier.write_report(rows, page, plot)
     assert "| train:zero | 2 |" in page.read_text() and plot.stat().st_size > 1000
+    assert "Left out" not in page.read_text()
+
+
+def test_a_changed_tuned_table_reruns_the_cells_it_changed_and_the_report_leaves_out_the_old(
+        table, tiny_bank, tmp_path, monkeypatch):
+    from benchmarks import frontier
+    from lorablend.runtime import recipes
+
+    out = tmp_path / "frontier"
+    frontier.run(str(tiny_bank), ["math"], 2, [], ["zero"], out)
+    before = frontier.read(out)
+    assert {r["schedule"] for r in before if r["what"] == "train:zero"} == {"0.03/0"}
+    monkeypatch.setattr(recipes, "TUNED", {"zero": {**TABLE["zero"], 2: (1e-2, 1, 0.5)}})
+    frontier.run(str(tiny_bank), ["math"], 2, [], ["zero"], out)
+    new = frontier.read(out)[len(before):]
+    assert [(r["what"], r["steps"], r["schedule"]) for r in new] == [("train:zero", 2, "0.01/1")]
+    page = tmp_path / "F.md"
+    frontier.write_report(frontier.read(out), page, tmp_path / "F.png")
+    assert "Left out: 1 trained records" in page.read_text()
 
 
 def test_tasks_outside_the_bank_get_every_row_but_an_own_lora(table, tiny_bank, tmp_path):
