@@ -284,9 +284,12 @@ def write_report(rows: list[dict], page: Path, plot: Path) -> None:
     over = sorted({k[0].split(":")[1] for k in by if k[0].startswith("train:") and "@" in k[0]})  # zero@nf4, ...
 
     def within(start: str, budget: float, entry: str):
-        """The entry's adapter from `start` with the most steps whose passes fit `budget` (None: none fits)."""
-        fits = [v[entry] for (w, _), v in by.items() if w == f"train:{start}" and entry in v
-                and v[entry]["passes"] <= budget]
+        """The entry's adapter from `start` with the most steps whose passes fit `budget` (None: none fits, or the
+        entry lacks one of the start's budgets, as while a changed table's cells are rerun)."""
+        runs = [v for (w, _), v in by.items() if w == f"train:{start}"]
+        if any(entry not in v for v in runs):
+            return None
+        fits = [v[entry] for v in runs if v[entry]["passes"] <= budget]
         return max(fits, key=lambda r: r["passes"])["rouge_l"] if fits else None
 
     def diff(a, b) -> str:
