@@ -20,7 +20,7 @@ from lorablend.runtime.recipes import BLEND_ALONE, STEP_PASSES, TUNED, tuned, tu
 from lorablend.runtime.quantized import holds
 from lorablend.runtime.starts import START_PASSES
 
-DEFAULT_BUDGET = 15.0  # what `generate` spends with no --budget: docs/FRONTIER.md, decision rule 3 (5 entries)
+DEFAULT_BUDGET = 15.0  # what `generate` spends with no --budget: docs/FRONTIER.md, decision rule 3
 MAX_STEPS = 256  # a budget beyond this many steps is refused: it is a training run, not a few steps
 
 
