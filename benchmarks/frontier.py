@@ -131,7 +131,7 @@ def fixed_rows(e: Entry, out: Path) -> list[dict]:
 def trained_rows(e: Entry, start: str, out: Path, done: set) -> list[dict]:
     """Each budget of `start` at its tuned schedule: one run per distinct (lr, warm-up), scored at its budgets."""
     from lorablend.bank.combination import combination
-    from lorablend.runtime.recipes import BUDGET_STEPS, STEP_PASSES, TUNED, tuned
+    from lorablend.runtime.recipes import BUDGET_STEPS, STEP_PASSES, tuned
     from lorablend.runtime.starts import START_PASSES
     from lorablend.runtime.train import train_factors
     from lorablend.settings import DEFAULT_SETTING
@@ -145,7 +145,7 @@ def trained_rows(e: Entry, start: str, out: Path, done: set) -> list[dict]:
     groups: dict = {}
     for k in BUDGET_STEPS:
         if (f"train:{start}", k, schedule(start, k)) not in done:
-            groups.setdefault(TUNED[start][k][:2], []).append(k)
+            groups.setdefault(schedule(start, k), []).append(k)
     rows = []
     for ks in groups.values():
         t0, spent = time.perf_counter(), [0.0]
